@@ -1,0 +1,49 @@
+# vfm — `make help` lists the targets. Every target sets itself up: `make pretrain` and `make test`
+# work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+CKPT ?= outputs/pretrain/default/checkpoints/last.pt
+
+.DEFAULT_GOAL := help
+.PHONY: help install data pretrain evaluate test test-fast lint tensorboard clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo "  overrides: make pretrain ARGS='method=dino trainer.max_epochs=5'   make evaluate CKPT=path/to/last.pt"
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install vfm (editable) with the dev extras
+
+data: $(STAMP) ## obtain Fashion-MNIST (Debian package if present, else download into data/)
+	$(BIN)/python scripts/fetch_data.py fashion_mnist
+
+pretrain: data ## pretrain DINO on Fashion-MNIST (the default run; ARGS=... for overrides)
+	$(BIN)/pretrain $(ARGS)
+
+evaluate: data ## evaluate a checkpoint (CKPT=..., ARGS=...)
+	$(BIN)/evaluate checkpoint=$(CKPT) $(ARGS)
+
+test: $(STAMP) ## run the test suite (CPU, synthetic data)
+	$(BIN)/pytest
+
+test-fast: $(STAMP) ## the tests without the slow (multi-process) ones
+	$(BIN)/pytest -m "not slow"
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check src tests scripts
+
+tensorboard: $(STAMP) ## serve TensorBoard over outputs/
+	$(BIN)/tensorboard --logdir outputs --bind_all
+
+clean: ## remove caches (not runs, not .venv)
+	rm -rf .pytest_cache .ruff_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

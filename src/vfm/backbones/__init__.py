@@ -1,0 +1,3 @@
+from vfm.backbones.timm_backbone import Backbone, load_exported
+
+__all__ = ["Backbone", "load_exported"]
