@@ -1,0 +1,433 @@
+"""Batched image augmentations on uint8 tensors.
+
+The pretraining augmentations run on a whole collated batch with tensor ops instead of per-image
+PIL transforms: one ``affine_grid`` + ``grid_sample`` realises every random resized crop (and
+flip) of a crop set, colour ops are vectorised over samples, the blur is one grouped convolution.
+That is what makes DINO-style multi-crop affordable on a 2-core CPU, and it runs unchanged on a
+GPU if the batch is moved there first.
+
+Randomness: every random parameter is drawn per sample, in a fixed order and a fixed amount,
+from the ``torch.Generator`` passed in (on the CPU, then moved to the images' device). So the same
+generator seed gives bitwise identical crops, whatever the worker or process that computes them
+(:mod:`vfm.data.loader` seeds one generator per batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["MultiCropAugmentation", "normalize"]
+
+# ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale (and PIL's convert("L")) use.
+_LUMA = (0.2989, 0.587, 0.114)
+# DINO's blur radii are pixels of a 224-px global crop; we rescale them to the actual resolution.
+_REFERENCE_SIZE = 224
+
+
+def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], *, crop_size: int | None = None) -> Tensor:
+    """uint8 images ``[..., C, H, W]`` -> float32 ``(x / 255 - mean) / std`` (the evaluation path).
+
+    ``mean``/``std`` have ``C`` entries, or one that applies to every channel. With ``crop_size``
+    the centre ``crop_size`` square is taken first (e.g. an ImageFolder ``train`` split stored at
+    ``load_size`` fed to a model that expects ``img_size``); smaller images are an error.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize expects uint8 images, got {images.dtype}")
+    if images.ndim < 3:
+        raise ValueError(f"normalize expects images [..., C, H, W], got shape {tuple(images.shape)}")
+    if crop_size is not None:
+        h, w = images.shape[-2:]
+        if crop_size > h or crop_size > w:
+            raise ValueError(f"normalize: crop_size={crop_size} is larger than the images ({h}x{w})")
+        top, left = (h - crop_size) // 2, (w - crop_size) // 2
+        images = images[..., top : top + crop_size, left : left + crop_size]
+    mean_t, std_t = _stats_tensors(mean, std, images.shape[-3], images.device)
+    return (images.to(torch.float32) / 255.0 - mean_t) / std_t
+
+
+def _stats_tensors(
+    mean: Sequence[float], std: Sequence[float], channels: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    if len(mean) != len(std):
+        raise ValueError(f"mean and std must have the same length, got {len(mean)} and {len(std)}")
+    if len(mean) not in (1, channels):
+        raise ValueError(f"mean/std have {len(mean)} values but the images have {channels} channels")
+    mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32, device=device).view(-1, 1, 1)
+    std_t = torch.tensor([float(s) for s in std], dtype=torch.float32, device=device).view(-1, 1, 1)
+    return mean_t, std_t
+
+
+def _check_prob(name: str, p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"MultiCropAugmentation: {name} must be a probability in [0, 1], got {p}")
+
+
+def _check_scale(name: str, scale: Sequence[float]) -> tuple[float, float]:
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(
+            f"MultiCropAugmentation: {name} must be (min, max) with 0 < min <= max <= 1, got {tuple(scale)}"
+        )
+    return float(scale[0]), float(scale[1])
+
+
+class MultiCropAugmentation:
+    """DINO's multi-crop augmentation, on a whole uint8 batch at once.
+
+    Follows ``DataAugmentationDINO`` of Caron et al. 2021, "Emerging Properties in
+    Self-Supervised Vision Transformers" (facebookresearch/dino, ``main_dino.py``): per crop,
+    RandomResizedCrop -> horizontal flip -> colour jitter (applied with ``color_jitter_p``, the
+    four ops in a random order) -> random grayscale -> Gaussian blur -> solarization ->
+    normalisation. The two global crops are asymmetric: the first is always blurred, the second
+    rarely blurred and sometimes solarized; local crops are blurred half the time. With
+    ``n_global > 2`` the extra global crops alternate between those two recipes.
+
+    Differences from the per-image PIL pipeline, all deliberate:
+
+    * The crop is realised by bilinear ``grid_sample`` without antialiasing. Crop boxes are
+      sampled exactly as torchvision's ``RandomResizedCrop.get_params`` does (area fraction
+      uniform in ``scale``, aspect ratio log-uniform in [3/4, 4/3], 10 tries, then a centre-crop
+      fallback), so only the resampling filter differs, and only when a crop is downscaled.
+    * Gaussian blur uses an exact separable Gaussian (radius ``ceil(3 sigma)``, reflect padding)
+      instead of PIL's box approximation. ``blur_sigma`` is in pixels *of a 224-px global crop*,
+      as in DINO, and is multiplied by ``global_crop_size / 224`` for every crop of the set: at
+      224 this is exactly DINO (locals included), while 28-px images are not blurred out.
+    * Single-channel images ("adapted for grayscale"): brightness and contrast apply; saturation,
+      hue and random grayscale are no-ops, as in torchvision for 1-channel tensors.
+
+    Random parameters come from ``generator`` in a fixed order and amount, so a given seed gives
+    bitwise identical output regardless of which probabilities fire.
+    """
+
+    def __init__(
+        self,
+        *,
+        global_crop_size: int,
+        local_crop_size: int,
+        n_global: int = 2,
+        n_local: int = 6,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        mean: Sequence[float],
+        std: Sequence[float],
+        flip_p: float = 0.5,
+        color_jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0),
+    ) -> None:
+        if global_crop_size < 1 or local_crop_size < 1:
+            raise ValueError(
+                f"MultiCropAugmentation: crop sizes must be positive, got global={global_crop_size}, local={local_crop_size}"
+            )
+        if n_global < 1 or n_local < 0:
+            raise ValueError(f"MultiCropAugmentation: need n_global >= 1 and n_local >= 0, got {n_global}, {n_local}")
+        self.global_scale = _check_scale("global_scale", global_scale)
+        self.local_scale = _check_scale("local_scale", local_scale)
+        if len(mean) != len(std) or len(mean) == 0:
+            raise ValueError(
+                f"MultiCropAugmentation: mean and std must have the same non-zero length, got {len(mean)} and {len(std)}"
+            )
+        if any(float(s) <= 0 for s in std):
+            raise ValueError(f"MultiCropAugmentation: std must be positive, got {list(std)}")
+        for name, p in (("flip_p", flip_p), ("color_jitter_p", color_jitter_p), ("grayscale_p", grayscale_p)):
+            _check_prob(name, p)
+        for name, ps in (("blur_p", blur_p), ("solarize_p", solarize_p)):
+            if len(ps) != 3:
+                raise ValueError(
+                    f"MultiCropAugmentation: {name} needs 3 probabilities (global 1, global 2, local), got {tuple(ps)}"
+                )
+            for p in ps:
+                _check_prob(name, p)
+        for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if v < 0:
+                raise ValueError(f"MultiCropAugmentation: {name} must be >= 0, got {v}")
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"MultiCropAugmentation: hue must be in [0, 0.5], got {hue}")
+        if len(blur_sigma) != 2 or not 0.0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(
+                f"MultiCropAugmentation: blur_sigma must be (min, max) with 0 < min <= max, got {tuple(blur_sigma)}"
+            )
+
+        self.global_crop_size = int(global_crop_size)
+        self.local_crop_size = int(local_crop_size)
+        self.n_global = int(n_global)
+        self.n_local = int(n_local)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.flip_p = float(flip_p)
+        self.color_jitter_p = float(color_jitter_p)
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.saturation = float(saturation)
+        self.hue = float(hue)
+        self.grayscale_p = float(grayscale_p)
+        self.blur_p = tuple(float(p) for p in blur_p)
+        self.solarize_p = tuple(float(p) for p in solarize_p)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        self.sigma_scale = self.global_crop_size / _REFERENCE_SIZE
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiCropAugmentation(global={self.n_global}x{self.global_crop_size} scale={self.global_scale}, "
+            f"local={self.n_local}x{self.local_crop_size} scale={self.local_scale})"
+        )
+
+    # ----------------------------------------------------------------------------------------
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
+        """uint8 ``[B, C, H, W]`` -> ``n_global`` float32 ``[B, C, g, g]`` then ``n_local`` ``[B, C, l, l]``."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(
+                f"MultiCropAugmentation expects uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}"
+            )
+        mean_t, std_t = _stats_tensors(self.mean, self.std, images.shape[1], images.device)
+        x = images.to(torch.float32) / 255.0
+        crops = []
+        for k in range(self.n_global + self.n_local):
+            if k < self.n_global:
+                recipe = k % 2  # global 1 / global 2 recipes, alternating for extra globals
+                size, scale = self.global_crop_size, self.global_scale
+            else:
+                recipe = 2
+                size, scale = self.local_crop_size, self.local_scale
+            view = self._one_view(x, size, scale, self.blur_p[recipe], self.solarize_p[recipe], generator)
+            crops.append((view - mean_t) / std_t)
+        return crops
+
+    def _one_view(
+        self,
+        x: Tensor,
+        size: int,
+        scale: tuple[float, float],
+        blur_p: float,
+        solarize_p: float,
+        g: torch.Generator | None,
+    ) -> Tensor:
+        b, c, height, width = x.shape
+        dev = x.device
+        # Fixed draw order and count, independent of which augmentations fire. Everything is
+        # drawn and decided on the CPU (so the stream does not depend on the device and the
+        # "does any sample need this op" tests do not synchronise a GPU); only the selected
+        # indices and their factors travel to the images' device.
+        crop_u = torch.rand(b, 4, 10, generator=g)  # area, log-ratio, top, left, per try
+        flip_u = torch.rand(b, generator=g)
+        jitter_u = torch.rand(b, generator=g)
+        factor_u = torch.rand(b, 4, generator=g)
+        order = torch.rand(b, 4, generator=g).argsort(dim=1)  # random op order per sample
+        gray_u = torch.rand(b, generator=g)
+        blur_u = torch.rand(b, generator=g)
+        sigma_u = torch.rand(b, generator=g)
+        solar_u = torch.rand(b, generator=g)
+        if b == 0:
+            return x.new_zeros(0, c, size, size)
+
+        # 1. RandomResizedCrop + horizontal flip: one affine resampling.
+        top, left, h, w = _sample_crop_boxes(crop_u, height, width, scale)
+        flip = flip_u < self.flip_p
+        theta = torch.zeros(b, 2, 3, dtype=torch.float32)
+        # With align_corners=False, normalised coordinates -1 / +1 are the outer pixel edges, so
+        # the box [left, left + w) maps to x_in = (w / W) * x_out + (2 left + w) / W - 1.
+        theta[:, 0, 0] = torch.where(flip, -w / width, w / width)  # mirror = negate the x scale
+        theta[:, 0, 2] = (2 * left + w) / width - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (2 * top + h) / height - 1
+        grid = F.affine_grid(theta.to(dev), [b, c, size, size], align_corners=False)
+        # "border": upsampled crops sample up to half an input pixel outside the box, which for
+        # boxes touching the image edge would otherwise blend in zeros.
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+        # 2. Colour jitter (torchvision ColorJitter semantics), p = color_jitter_p.
+        jitter = jitter_u < self.color_jitter_p
+        if jitter.any():
+            out = self._color_jitter(out, jitter, factor_u, order)
+
+        # 3. Random grayscale (kept C channels); a no-op on 1-channel images.
+        gray = gray_u < self.grayscale_p
+        if c == 3 and gray.any():
+            idx = gray.nonzero().squeeze(1).to(dev)
+            out[idx] = _grayscale(out[idx]).expand(-1, 3, -1, -1)
+
+        # 4. Gaussian blur with a per-sample sigma.
+        blur = blur_u < blur_p
+        if blur.any():
+            idx = blur.nonzero().squeeze(1)
+            lo, hi = self.blur_sigma
+            sigma = (lo + (hi - lo) * sigma_u[idx]) * self.sigma_scale
+            idx = idx.to(dev)
+            out[idx] = _gaussian_blur(out[idx], sigma)
+
+        # 5. Solarization, PIL ImageOps.solarize(threshold=128) on [0, 1].
+        solar = solar_u < solarize_p
+        if solar.any():
+            idx = solar.nonzero().squeeze(1).to(dev)
+            out[idx] = _solarize(out[idx])
+        return out
+
+    def _color_jitter(self, x: Tensor, apply: Tensor, u: Tensor, order: Tensor) -> Tensor:
+        """Per-sample ColorJitter: factors b, c, s ~ U[max(0, 1 - v), 1 + v], hue ~ U[-h, h], ops in ``order``."""
+
+        def factor(col: int, v: float) -> Tensor:
+            lo = max(0.0, 1.0 - v)
+            return lo + (1.0 + v - lo) * u[:, col]
+
+        factors = [
+            factor(0, self.brightness),
+            factor(1, self.contrast),
+            factor(2, self.saturation),
+            (2 * u[:, 3] - 1) * self.hue,
+        ]
+        strengths = [self.brightness, self.contrast, self.saturation, self.hue]
+        ops = [_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue]
+        rgb = x.shape[1] == 3
+        for pos in range(4):
+            for op in range(4):
+                # Saturation/hue need colour; skip ops with zero strength (identity, but the HSV
+                # round-trip of hue would still perturb the last bits).
+                if strengths[op] == 0 or (op >= 2 and not rgb):
+                    continue
+                sel = apply & (order[:, pos] == op)
+                if sel.any():
+                    idx = sel.nonzero().squeeze(1)
+                    f = factors[op][idx].to(x.device)
+                    idx = idx.to(x.device)
+                    x[idx] = ops[op](x[idx], f)
+        return x
+
+
+def _sample_crop_boxes(
+    u: Tensor, height: int, width: int, scale: tuple[float, float]
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torchvision ``RandomResizedCrop.get_params``, vectorised over the batch.
+
+    ``u``: uniforms ``[B, 4, 10]`` (area fraction, log aspect ratio, top, left, per try). Returns
+    float tensors ``top, left, h, w`` ``[B]`` in pixels (integers, as in torchvision).
+    """
+    area = height * width
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    # Computed in float64 so the rounding matches torchvision's Python float arithmetic.
+    w = torch.round(torch.sqrt(target_area.double() * ratio.double()))
+    h = torch.round(torch.sqrt(target_area.double() / ratio.double()))
+    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = valid.to(torch.int8).argmax(dim=1)  # index of the first successful try
+    found = valid.any(dim=1)
+    rows = torch.arange(u.shape[0])
+    w, h = w[rows, first], h[rows, first]
+    # torch.randint(0, H - h + 1) in torchvision: floor of a uniform over the H - h + 1 positions.
+    top = torch.floor(u[rows, 2, first].double() * (height - h + 1)).clamp(max=height - h)
+    left = torch.floor(u[rows, 3, first].double() * (width - w + 1)).clamp(max=width - w)
+
+    # Fallback after 10 failed tries: the largest centred box with an allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        fw, fh = width, round(width / (3 / 4))
+    elif in_ratio > 4 / 3:
+        fw, fh = round(height * (4 / 3)), height
+    else:
+        fw, fh = width, height
+    fb = torch.tensor
+    w = torch.where(found, w, fb(float(fw), dtype=torch.float64))
+    h = torch.where(found, h, fb(float(fh), dtype=torch.float64))
+    top = torch.where(found, top, fb(float((height - fh) // 2), dtype=torch.float64))
+    left = torch.where(found, left, fb(float((width - fw) // 2), dtype=torch.float64))
+    return top.float(), left.float(), h.float(), w.float()
+
+
+def _grayscale(x: Tensor) -> Tensor:
+    """[n, 3, H, W] -> [n, 1, H, W] luma; 1-channel input is returned as is."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
+    """``factor * a + (1 - factor) * b`` clamped to [0, 1] (torchvision's ``_blend``), per sample."""
+    f = factor.view(-1, 1, 1, 1)
+    return (f * a + (1 - f) * b).clamp_(0, 1)
+
+
+def _adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, torch.zeros_like(x), f)
+
+
+def _adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
+    # Blend towards the mean luma of the whole image (a per-sample scalar).
+    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, f)
+
+
+def _adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
+    return _blend(x, _grayscale(x), f)
+
+
+def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    h, s, v = _rgb_to_hsv(x)
+    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
+    return _hsv_to_rgb(h, s, v)
+
+
+def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[n, 3, H, W] in [0, 1] -> hue, saturation, value [n, H, W], hue in [0, 1)."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    delta = maxc - minc
+    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    hr = (g - b) / safe
+    hg = (b - r) / safe + 2.0
+    hb = (r - g) / safe + 4.0
+    h = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb))
+    h = torch.where(delta > 0, torch.remainder(h / 6.0, 1.0), torch.zeros_like(h))
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    h6 = h * 6.0
+    i = torch.floor(h6)
+    f = h6 - i
+    i = i.long() % 6
+    p = v * (1 - s)
+    q = v * (1 - s * f)
+    t = v * (1 - s * (1 - f))
+    # For each of the 6 hue sectors, which of (v, q, p, t) is R, G, B.
+    candidates = torch.stack([v, q, p, t], dim=1)  # [n, 4, H, W]
+    table = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=h.device)
+    sel = table[i].permute(0, 3, 1, 2)  # [n, 3, H, W]
+    return torch.gather(candidates, 1, sel)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur with a per-sample ``sigma`` [n] (pixels), reflect padding."""
+    n, c, height, width = x.shape
+    radius = max(1, math.ceil(3 * float(sigma.max())))
+    radius = min(radius, height - 1, width - 1)  # reflect padding needs pad < size
+    if radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
+    kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None].to(x.device) ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [n, K], each sums to 1 (keeps the mean)
+    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (sample, channel) group
+    k = 2 * radius + 1
+    # Fold the batch into channels so every sample gets its own kernel in one grouped conv.
+    y = x.reshape(1, n * c, height, width)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, k), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, k, 1), groups=n * c)
+    return y.reshape(n, c, height, width)
+
+
+def _solarize(x: Tensor) -> Tensor:
+    """Invert the pixels at or above the threshold 0.5 (PIL's 128 of 255), keep the rest."""
+    return torch.where(x >= 0.5, 1.0 - x, x)
