@@ -1,0 +1,160 @@
+"""Encoders built with `timm.create_model`, behind one small contract every method uses.
+
+A `Backbone` wraps any timm model created with `num_classes=0`:
+- `forward(x) -> [B, D]` is the global feature, exactly what plain `timm.create_model(name,
+  num_classes=0, ...)(x)` returns, so exported weights load back into timm and give the same output;
+- `forward_tokens(x, mask=None)` returns the global feature and the patch tokens, optionally with
+  masked patch embeddings replaced by a learnable mask token (BEiT / iBOT / EVA);
+- `embed_dim`, `patch_size`, `num_prefix_tokens` and `has_patch_tokens` describe it.
+CNNs (ResNets) have no patch tokens and can serve methods that need only a global feature.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+_META_KEY = "vfm_backbone"
+
+
+class Backbone(nn.Module):
+    """A timm encoder with the project's backbone contract.
+
+    Args:
+        name: any timm model name (`vit_small_patch16_224`, `resnet50`, ...).
+        img_size: input resolution (ViTs only; sets the position-embedding grid).
+        patch_size: patch size (ViTs only).
+        in_chans: input channels (1 for grayscale data).
+        drop_path_rate: stochastic depth rate.
+        mask_token: create a learnable mask token for `forward_tokens(x, mask)`.
+        attn_impl: "fused" (scaled_dot_product_attention), "manual" (softmax(QK^T)V in plain ops) or
+            "auto": fused on GPU, manual on CPU, where PyTorch's fused CPU kernels are slower for the
+            short token sequences of small images (measured in `make bench`).
+        pretrained: load timm's pretrained weights (needs network access on first use).
+        model_kwargs: any further `timm.create_model` keyword (e.g. `depth`, `embed_dim`, `reg_tokens`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        in_chans: int = 3,
+        drop_path_rate: float = 0.0,
+        mask_token: bool = False,
+        attn_impl: str = "auto",
+        pretrained: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        kwargs: dict[str, Any] = dict(model_kwargs or {})
+        self.is_vit = _is_vit(name)
+        if self.is_vit:
+            if img_size is not None:
+                kwargs["img_size"] = img_size
+            if patch_size is not None:
+                kwargs["patch_size"] = patch_size
+            # Multi-crop feeds several resolutions through one network: interpolate the position
+            # embedding on the fly instead of fixing the grid to `img_size`.
+            kwargs.setdefault("dynamic_img_size", True)
+        kwargs.update(in_chans=in_chans, drop_path_rate=drop_path_rate)
+        if attn_impl not in ("auto", "fused", "manual"):
+            raise ValueError(f"backbone.attn_impl must be 'auto', 'fused' or 'manual', got {attn_impl!r}")
+        self.attn_impl = attn_impl
+        self._attn_device: str | None = None
+        self.name = name
+        self.create_kwargs = kwargs  # what timm.create_model needs to rebuild the exported weights
+        self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        self.embed_dim: int = int(self.model.num_features)
+        if self.is_vit:
+            p = self.model.patch_embed.patch_size
+            self.patch_size: int | None = int(p[0] if isinstance(p, (tuple, list)) else p)
+            self.num_prefix_tokens: int = int(self.model.num_prefix_tokens)
+        else:
+            self.patch_size, self.num_prefix_tokens = None, 0
+        self.has_patch_tokens = self.is_vit
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token and self.is_vit else None
+        if self.mask_token is not None:
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    def _select_attention(self, device: torch.device) -> None:
+        if self._attn_device == device.type:
+            return
+        fused = self.attn_impl == "fused" or (self.attn_impl == "auto" and device.type != "cpu")
+        for m in self.model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+        self._attn_device = device.type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Global feature [B, D] (the [CLS] token after the final norm for ViTs, pooled for CNNs)."""
+        self._select_attention(x.device)
+        return self.model(x)
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Run a ViT and return {"global": [B, D], "patch": [B, N, D], "prefix": [B, P, D]}.
+
+        `mask` [B, N] (bool, N = patches) replaces the masked patch embeddings with the mask token
+        before position embeddings are added, as in BEiT and iBOT.
+        """
+        if not self.is_vit:
+            raise ValueError(f"backbone {self.name!r} has no patch tokens; use a ViT (e.g. backbone=vit_small)")
+        self._select_attention(x.device)
+        m = self.model
+        t = m.patch_embed(x)  # [B, H, W, D] with dynamic_img_size, else [B, N, D]
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("forward_tokens(mask=...) needs a backbone built with mask_token=True")
+            flat = t.reshape(t.shape[0], -1, t.shape[-1])
+            flat = torch.where(mask.reshape(t.shape[0], -1, 1), self.mask_token.to(flat.dtype), flat)
+            t = flat.reshape(t.shape)
+        t = m.norm_pre(m.patch_drop(m._pos_embed(t)))
+        t = m.norm(m.blocks(t))
+        return {
+            "global": m.forward_head(t, pre_logits=True),
+            "patch": t[:, self.num_prefix_tokens :],
+            "prefix": t[:, : self.num_prefix_tokens],
+        }
+
+    def export(self, path: str | Path) -> Path:
+        """Write the encoder weights as safetensors, loadable by `load_exported` or plain timm."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        meta = {_META_KEY: json.dumps({"name": self.name, "kwargs": _jsonable(self.create_kwargs)})}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Rebuild the plain timm model stored by `Backbone.export` (no vfm classes involved)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {})[_META_KEY])
+    model = timm.create_model(meta["name"], num_classes=0, **meta["kwargs"])
+    model.load_state_dict(load_file(str(path)), strict=True)
+    return model
+
+
+def _is_vit(name: str) -> bool:
+    """True for timm's `VisionTransformer` family (the models with the token API used here)."""
+    if not timm.models.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the available names")
+    module = timm.models.model_entrypoint(name).__module__
+    return module in ("timm.models.vision_transformer", "timm.models.deit")
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -1,0 +1,59 @@
+import pytest
+import timm
+import torch
+
+from vfm.backbones import Backbone, load_exported
+
+
+def _vit(**kw):
+    return Backbone("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
+                    model_kwargs={"depth": 2, "embed_dim": 64, "num_heads": 2}, **kw)
+
+
+def test_vit_contract_and_multires():
+    b = _vit(mask_token=True)
+    assert (b.embed_dim, b.patch_size, b.num_prefix_tokens, b.has_patch_tokens) == (64, 7, 1, True)
+    x = torch.randn(3, 1, 28, 28)
+    out = b.forward_tokens(x)
+    assert out["global"].shape == (3, 64) and out["patch"].shape == (3, 16, 64)
+    assert torch.equal(out["global"], b(x))
+    assert b(torch.randn(2, 1, 14, 14)).shape == (2, 64)  # local crops: interpolated position embedding
+
+
+def test_mask_token_replaces_masked_patches():
+    b = _vit(mask_token=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, :8] = True
+    a, m = b.forward_tokens(x)["patch"], b.forward_tokens(x, mask=mask)["patch"]
+    assert torch.allclose(a[1], m[1], atol=1e-6) and not torch.allclose(a[0], m[0])
+    with pytest.raises(ValueError, match="mask_token=True"):
+        _vit().forward_tokens(x, mask=mask)
+
+
+def test_export_loads_into_plain_timm(tmp_path):
+    b = _vit().eval()
+    path = b.export(tmp_path / "enc.safetensors")
+    plain = load_exported(path).eval()
+    assert type(plain) is type(b.model)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(plain(x), b(x), atol=1e-5)  # timm uses fused attention, ours plain ops on CPU
+    # and by hand with timm.create_model + safetensors
+    from safetensors.torch import load_file
+
+    m = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=28, patch_size=7, in_chans=1,
+                          depth=2, embed_dim=64, num_heads=2, dynamic_img_size=True).eval()
+    m.load_state_dict(load_file(str(path)))
+    assert torch.allclose(m(x), b(x), atol=1e-5)
+
+
+def test_resnet_has_no_patch_tokens():
+    r = Backbone("resnet18", in_chans=1)
+    assert not r.has_patch_tokens and r.patch_size is None and r(torch.randn(2, 1, 32, 32)).shape == (2, 512)
+    with pytest.raises(ValueError, match="no patch tokens"):
+        r.forward_tokens(torch.randn(1, 1, 32, 32))
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        Backbone("vit_does_not_exist")
