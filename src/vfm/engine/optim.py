@@ -1,0 +1,112 @@
+"""Optimizer construction, the lr scaling rule and gradient clipping.
+
+The base learning rate follows the linear scaling rule used by DINO and MAE:
+`lr = blr * global_batch / 256` (Goyal et al. 2017), unless an absolute `lr` is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from vfm.engine.schedules import Cosine
+
+
+class OptimSpec:
+    """Optimizer and its schedules, as configured under `optim`.
+
+    Args:
+        name: "adamw" (DINO, MAE, iBOT, CLIP) or "sgd".
+        blr: base lr per 256 images; the lr is `blr * global_batch / 256`.
+        lr: absolute peak lr; overrides `blr` when set.
+        min_lr: final lr of the cosine schedule.
+        warmup_epochs: linear lr warmup from 0.
+        weight_decay, weight_decay_end: cosine weight-decay schedule (DINO: 0.04 -> 0.4).
+        betas, eps: AdamW; momentum: SGD.
+        clip_grad: max gradient norm (None or 0 disables).
+        clip_mode: "per_param" clips each parameter's gradient on its own (official DINO
+            `clip_gradients`); "global" clips the norm of all gradients together (DINOv2, MAE).
+        fused: use the fused AdamW kernel (None: on CUDA only).
+    """
+
+    def __init__(
+        self,
+        name: str = "adamw",
+        blr: float = 5e-4,
+        lr: float | None = None,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 10.0,
+        weight_decay: float = 0.04,
+        weight_decay_end: float | None = None,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        momentum: float = 0.9,
+        clip_grad: float | None = 3.0,
+        clip_mode: str = "per_param",
+        fused: bool | None = None,
+    ) -> None:
+        if name not in ("adamw", "sgd"):
+            raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
+        if clip_mode not in ("per_param", "global"):
+            raise ValueError(f"optim.clip_mode must be 'per_param' or 'global', got {clip_mode!r}")
+        self.name, self.blr, self.lr, self.min_lr = name, blr, lr, min_lr
+        self.warmup_epochs = warmup_epochs
+        self.weight_decay = weight_decay
+        self.weight_decay_end = weight_decay if weight_decay_end is None else weight_decay_end
+        self.betas, self.eps, self.momentum = tuple(betas), eps, momentum
+        self.clip_grad, self.clip_mode, self.fused = clip_grad, clip_mode, fused
+
+    def peak_lr(self, global_batch: int) -> float:
+        return float(self.lr) if self.lr is not None else self.blr * global_batch / 256
+
+    def lr_rule(self, global_batch: int) -> str:
+        """Human-readable statement of the lr actually used (printed and saved with the run)."""
+        if self.lr is not None:
+            return f"lr = {self.lr:.3g} (absolute, optim.lr)"
+        return f"lr = blr * batch / 256 = {self.blr:.3g} * {global_batch} / 256 = {self.peak_lr(global_batch):.4g}"
+
+    def lr_schedule(self, global_batch: int) -> Cosine:
+        return Cosine(self.peak_lr(global_batch), self.min_lr, warmup_epochs=self.warmup_epochs)
+
+    def wd_schedule(self) -> Cosine:
+        return Cosine(self.weight_decay, self.weight_decay_end)
+
+    def build(self, param_groups: list[dict[str, Any]], device_type: str) -> torch.optim.Optimizer:
+        groups = [g for g in param_groups if len(g["params"]) > 0]
+        if self.name == "sgd":
+            return torch.optim.SGD(groups, lr=0.0, momentum=self.momentum, weight_decay=0.0)
+        fused = self.fused if self.fused is not None else device_type == "cuda"
+        # foreach (multi-tensor) is the fast path on CPU; fused is faster still on CUDA.
+        return torch.optim.AdamW(
+            groups, lr=0.0, betas=self.betas, eps=self.eps, weight_decay=0.0, fused=fused or None,
+            foreach=None if fused else True,
+        )
+
+
+def set_optimizer_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
+    """Apply this step's scheduled lr and weight decay, scaled by each group's multipliers."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_mult", 1.0)
+        g["weight_decay"] = wd * g.get("wd_mult", 1.0)
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None, mode: str) -> torch.Tensor:
+    """Clip gradients and return the total gradient norm before clipping (for logging)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if not max_norm:
+        return total
+    if mode == "global":
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coef)
+    else:
+        # Each parameter on its own, as DINO's utils.clip_gradients: scale by clip / (||g|| + 1e-6) if < 1.
+        coefs = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+        torch._foreach_mul_(grads, coefs)
+    return total

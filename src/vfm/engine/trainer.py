@@ -1,0 +1,312 @@
+"""The training loop: one explicit loop that owns devices, precision, accumulation, clipping, DDP,
+schedules, the non-finite guard, checkpoints, logging, progress bars and periodic evaluation.
+Methods hold only the math (`vfm.methods.base.Method`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from vfm import distributed as vdist
+from vfm.data.loader import build_train_loader
+from vfm.engine.checkpoint import (
+    check_keys,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vfm.engine.logging import NullLogger
+from vfm.engine.optim import OptimSpec, clip_gradients, set_optimizer_values
+from vfm.engine.schedules import Schedule
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+def select_device(device: str) -> torch.device:
+    """"auto" picks cuda (this process's local GPU under torchrun) when present, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and vdist.is_dist():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class Trainer:
+    """Configured under `trainer`.
+
+    Args:
+        max_epochs: training length (schedules span exactly this many epochs).
+        batch_size: global batch per optimisation step (all processes x accumulation).
+        accum_steps: gradient-accumulation micro-steps per optimisation step.
+        precision: "fp32", "bf16" (autocast, also on CPU) or "fp16" (autocast + GradScaler).
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        compile: wrap the method in `torch.compile`.
+        num_workers: DataLoader worker processes per training process.
+        seed: global seed (data order, augmentation, initialisation).
+        log_every_n_steps: scalar logging period.
+        ckpt_every_n_epochs: keep `epoch_XXXX.pt` every N epochs (0: only `last.pt`, which is
+            rewritten every epoch).
+        ckpt_every_n_steps: also rewrite `last.pt` every N steps (0: off), for long epochs.
+        resume: "auto" (continue from `<run>/checkpoints/last.pt` if present), "never", or a path.
+        max_steps: stop after this many optimisation steps (the schedules still span max_epochs).
+        progress: tqdm progress bars on rank 0.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int = 100,
+        batch_size: int = 256,
+        accum_steps: int = 1,
+        precision: str = "bf16",
+        device: str = "auto",
+        compile: bool = False,
+        num_workers: int = 0,
+        seed: int = 0,
+        log_every_n_steps: int = 10,
+        ckpt_every_n_epochs: int = 0,
+        ckpt_every_n_steps: int = 0,
+        resume: str = "auto",
+        max_steps: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        self.max_epochs, self.batch_size, self.accum_steps = max_epochs, batch_size, accum_steps
+        self.precision, self.device_name, self.compile = precision, device, compile
+        self.num_workers, self.seed = num_workers, seed
+        self.log_every_n_steps = log_every_n_steps
+        self.ckpt_every_n_epochs, self.ckpt_every_n_steps = ckpt_every_n_epochs, ckpt_every_n_steps
+        self.resume, self.max_steps, self.progress = resume, max_steps, progress
+
+    # ------------------------------------------------------------------ helpers
+    def per_process_batch(self, world_size: int) -> int:
+        return self.batch_size // (world_size * self.accum_steps)
+
+    def _autocast(self, device: torch.device):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _resume_path(self, ckpt_dir: Path) -> Path | None:
+        if self.resume in ("never", "", None):
+            return None
+        if self.resume == "auto":
+            p = ckpt_dir / "last.pt"
+            return p if p.is_file() else None
+        return Path(self.resume)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(
+        self,
+        method: nn.Module,
+        train_dataset: torch.utils.data.Dataset,
+        collate_fn: Callable,
+        *,
+        optim: OptimSpec,
+        schedules: Mapping[str, Schedule],
+        run_dir: str | Path,
+        logger: NullLogger | None = None,
+        evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
+        eval_every_n_epochs: int = 0,
+        extra_state: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Train `method` and return {"step", "epoch", "metrics", "history"}.
+
+        `evaluate_fn(encoder, epoch)` runs on rank 0 every `eval_every_n_epochs` epochs.
+        """
+        rank, world = vdist.get_rank(), vdist.get_world_size()
+        is_main = rank == 0
+        logger = logger if (logger is not None and is_main) else NullLogger()
+        device = select_device(self.device_name)
+        run_dir = Path(run_dir)
+        ckpt_dir = run_dir / "checkpoints"
+        method.to(device)
+
+        micro_bs = self.per_process_batch(world)
+        loader, sampler = build_train_loader(
+            train_dataset, batch_size=micro_bs, collate_fn=collate_fn, seed=self.seed, rank=rank,
+            world_size=world, num_workers=self.num_workers, pin_memory=device.type == "cuda",
+        )
+        micro_per_epoch = len(sampler) - len(sampler) % self.accum_steps
+        steps_per_epoch = micro_per_epoch // self.accum_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"one epoch has no full optimisation step: {len(sampler)} micro-batches of {micro_bs} for "
+                f"trainer.accum_steps={self.accum_steps}; lower trainer.batch_size or trainer.accum_steps"
+            )
+        total_steps = steps_per_epoch * self.max_epochs
+        global_batch = micro_bs * world * self.accum_steps
+        lr_rule = optim.lr_rule(global_batch)
+        log.info("%s (%d process(es) x %d images x %d accumulation)", lr_rule, world, micro_bs, self.accum_steps)
+
+        arrays: dict[str, torch.Tensor] = {
+            "lr": optim.lr_schedule(global_batch).build(steps_per_epoch, self.max_epochs),
+            "wd": optim.wd_schedule().build(steps_per_epoch, self.max_epochs),
+        }
+        for name, spec in schedules.items():
+            arrays[name] = spec.build(steps_per_epoch, self.max_epochs)
+        sched_values = {k: v.tolist() for k, v in arrays.items()}  # python floats: no tensor indexing per step
+
+        optimizer = optim.build(method.param_groups(), device.type)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+        step, history = 0, []
+        resume_from = self._resume_path(ckpt_dir)
+        if resume_from is not None:
+            state = load_checkpoint(resume_from)
+            check_keys(state, resume_from)
+            load_model_state(method, state["model"], resume_from)
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+            if state.get("steps_per_epoch") not in (None, steps_per_epoch):
+                raise ValueError(
+                    f"cannot resume {resume_from}: it had {state['steps_per_epoch']} steps per epoch, this run has "
+                    f"{steps_per_epoch}; keep trainer.batch_size, the dataset and the process count unchanged"
+                )
+            set_rng_state(state["rng"])
+            step, history = int(state["step"]), list(state.get("history", []))
+            log.info("resumed from %s at step %d (epoch %d)", resume_from, step, step // steps_per_epoch)
+
+        model: nn.Module = method
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(
+                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            )
+        if self.compile:
+            model = torch.compile(model)
+
+        def checkpoint(name: str) -> None:
+            if not is_main:
+                return
+            state = {
+                "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                "rng": rng_state(), "history": history, "lr_rule": lr_rule, **(extra_state or {}),
+            }
+            save_checkpoint(state, ckpt_dir / name)
+
+        last_step = total_steps if self.max_steps is None else min(total_steps, self.max_steps)
+        start_epoch = step // steps_per_epoch
+        metrics: dict[str, float] = {}
+        method.train()
+        for epoch in range(start_epoch, self.max_epochs):
+            if step >= last_step:
+                break
+            skip_micro = (step - epoch * steps_per_epoch) * self.accum_steps
+            sampler.set_epoch(epoch, start_batch=skip_micro)
+            bar = tqdm(
+                total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{self.max_epochs}",
+                disable=not (is_main and self.progress), dynamic_ncols=True, leave=False,
+            )
+            t_epoch, n_images, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+            t_log, images_since_log = time.perf_counter(), 0
+            micro = skip_micro
+            for batch in loader:
+                if micro >= micro_per_epoch:
+                    break  # the ragged tail that does not fill an accumulation group
+                sched = {k: v[step] for k, v in sched_values.items()}
+                set_optimizer_values(optimizer, sched["lr"], sched["wd"])
+                batch = to_device(batch, device)
+                last_micro = (micro + 1) % self.accum_steps == 0
+                sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
+                with sync:
+                    with self._autocast(device):
+                        out = model(batch, step, sched)
+                    loss = out["loss"]
+                    if vdist.all_reduce_max_flag(not bool(torch.isfinite(loss.detach())), device):
+                        msg = (
+                            f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {epoch + 1}) on at least "
+                            f"one process; lower optim.blr, raise optim.warmup_epochs, or use trainer.precision=fp32/bf16"
+                        )
+                        raise NonFiniteLossError(msg)
+                    scaler.scale(loss / self.accum_steps).backward()
+                micro += 1
+                n_images += micro_bs * world
+                images_since_log += micro_bs * world
+                loss_sum += float(loss.detach())
+                n_loss += 1
+                if not last_micro:
+                    continue
+                scaler.unscale_(optimizer)
+                grad_norm = clip_gradients(trainable, optim.clip_grad, optim.clip_mode)
+                method.before_optimizer_step(step, sched)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                method.on_step_end(step, sched)
+                step += 1
+                bar.update(1)
+                if step % self.log_every_n_steps == 0 or step == last_step:
+                    now = time.perf_counter()
+                    ips = images_since_log / max(now - t_log, 1e-9)
+                    t_log, images_since_log = now, 0
+                    values = {f"train/{k}": float(v.detach()) for k, v in out.items()}
+                    values.update({f"sched/{k}": v for k, v in sched.items()})
+                    values.update({"train/grad_norm": float(grad_norm), "perf/images_per_s": ips})
+                    logger.log_scalars(values, step)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{sched['lr']:.2e}", ips=f"{ips:.0f}")
+                if self.ckpt_every_n_steps and step % self.ckpt_every_n_steps == 0:
+                    checkpoint("last.pt")
+                if step >= last_step:
+                    break
+            bar.close()
+            epoch_done = step == (epoch + 1) * steps_per_epoch
+            dt = time.perf_counter() - t_epoch
+            summary = {
+                "epoch": epoch + 1, "step": step, "loss": loss_sum / max(n_loss, 1),
+                "images_per_s": n_images / max(dt, 1e-9), "seconds": dt,
+            }
+            if epoch_done and evaluate_fn is not None and eval_every_n_epochs and (epoch + 1) % eval_every_n_epochs == 0 \
+                    and epoch + 1 < self.max_epochs:
+                if is_main:
+                    metrics = evaluate_fn(method.encoder, epoch + 1)
+                    logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
+                    summary.update(metrics)
+                vdist.barrier()
+            history.append(summary)
+            if is_main:
+                extra = " | ".join(f"{k} {v:.2f}" for k, v in summary.items() if "/" in k)
+                log.info(
+                    "epoch %d/%d | step %d | loss %.4f | %.0f img/s | %.1f s%s", epoch + 1, self.max_epochs, step,
+                    summary["loss"], summary["images_per_s"], dt, (" | " + extra) if extra else "",
+                )
+                logger.log_scalars({"epoch/loss": summary["loss"], "epoch/images_per_s": summary["images_per_s"]}, step)
+            checkpoint("last.pt")
+            if epoch_done and self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0:
+                checkpoint(f"epoch_{epoch + 1:04d}.pt")
+            vdist.barrier()
+        return {"step": step, "epoch": step / steps_per_epoch, "history": history, "lr_rule": lr_rule,
+                "finished": step >= total_steps, "steps_per_epoch": steps_per_epoch}
