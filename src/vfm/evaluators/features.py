@@ -1,0 +1,256 @@
+"""Frozen-feature extraction shared by the kNN and linear-probe evaluators.
+
+Both protocols (DINO's weighted kNN, Caron et al. 2021, and the linear probe of MAE/DINOv2) run
+on global features of a *frozen* encoder, so the features are computed once per checkpoint and
+optionally cached on disk; the evaluators then work on plain tensors. This mirrors the
+``extract_features`` step of facebookresearch/dino ``eval_knn.py``.
+
+Datasets are duck-typed: anything yielding ``(uint8 image [C, H, W], int label)``. Datasets that
+expose whole-split ``.images`` / ``.labels`` tensors (``vfm.data.datasets.TensorImageDataset``)
+are sliced directly instead of going through a ``DataLoader``, which avoids per-sample Python
+overhead on small benchmark datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+_SPLITS = ("train", "val", "test")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class SplitFeatures:
+    """Global features and labels of each split, float32 ``[N, D]`` / int64 ``[N]`` on CPU.
+
+    ``val_*`` / ``test_*`` are ``None`` when the dataset has no such split.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
+    test_x: Tensor | None = None
+    test_y: Tensor | None = None
+
+
+def _iter_batches(dataset: Dataset, batch_size: int, num_workers: int) -> tuple[int, Iterator[Any]]:
+    """Return ``(num_batches, iterator of (images, labels))`` in dataset order."""
+    images = getattr(dataset, "images", None)
+    labels = getattr(dataset, "labels", None)
+    if isinstance(images, Tensor) and isinstance(labels, Tensor) and len(images) == len(labels):
+        # Fast path: whole split already in memory as tensors; slicing is a view, no copies.
+        n = len(images)
+        starts = range(0, n, batch_size)
+        return len(starts), ((images[i : i + batch_size], labels[i : i + batch_size]) for i in starts)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers)
+    return len(loader), iter(loader)
+
+
+def _to_unit_float(images: Tensor) -> Tensor:
+    """uint8 in [0, 255] -> float in [0, 1]; float images are assumed to be in [0, 1] already."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    return images.float()
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """A fresh autocast context per forward (only the forward runs in reduced precision)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    dataset: Dataset,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    progress: bool = True,
+    desc: str = "features",
+    num_workers: int = 0,
+    crop_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Encode every sample of ``dataset`` with a frozen ``encoder``.
+
+    Images are scaled to [0, 1] and normalised with ``mean`` / ``std`` (per channel) before the
+    forward, exactly like the eval transforms of DINO / MAE. ``encoder(x)`` must return global
+    features ``[B, D]``.
+
+    Args:
+        encoder: the network to evaluate. It runs in eval mode on ``device``; afterwards every
+            submodule's train/eval flag is restored and, if it had to be moved, it is moved back
+            to the device it came from (so a trainer's model is never left on the wrong device).
+        dataset: yields ``(uint8 image [C, H, W], int label)``.
+        mean, std: per-channel normalisation, in [0, 1] units.
+        batch_size: images per forward.
+        device: where the forward runs.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``; the latter two autocast the forward only.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+        num_workers: ``DataLoader`` workers for datasets without in-memory ``.images``.
+        crop_size: centre-crop larger images to this size first (the standard eval transform:
+            folder datasets store training images at ``load_size`` > ``img_size``).
+
+    Returns:
+        ``(features float32 [N, D], labels int64 [N])`` on CPU, in dataset order.
+    """
+    if precision not in ("fp32", *_AUTOCAST_DTYPES):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    home = next(itertools.chain(encoder.parameters(), encoder.buffers()), None)
+    home_device = home.device if home is not None else device
+    if home_device != device:
+        encoder.to(device)
+
+    # Restore each submodule's own flag rather than calling encoder.train(prev): a caller may keep
+    # parts of the model in eval mode on purpose (e.g. frozen norm layers during fine-tuning).
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.eval()
+    feats: list[Tensor] = []
+    labs: list[Tensor] = []
+    mean_t = std_t = None
+    try:
+        num_batches, batches = _iter_batches(dataset, batch_size, num_workers)
+        for images, labels in tqdm(batches, total=num_batches, desc=desc, disable=not progress, leave=False):
+            x = _to_unit_float(images.to(device, non_blocking=True))
+            if crop_size is not None and (x.shape[-2] > crop_size or x.shape[-1] > crop_size):
+                top, left = (x.shape[-2] - crop_size) // 2, (x.shape[-1] - crop_size) // 2
+                x = x[..., top : top + crop_size, left : left + crop_size]
+            if mean_t is None:
+                if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+                    raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries but images have {x.shape[1]} channels")
+                mean_t = torch.tensor(list(mean), dtype=x.dtype, device=device).view(1, -1, 1, 1)
+                std_t = torch.tensor(list(std), dtype=x.dtype, device=device).view(1, -1, 1, 1)
+            x = (x - mean_t) / std_t
+            with _autocast(device, precision):
+                out = encoder(x)
+            if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"encoder must return global features [B, D]; got {shape} for B={x.shape[0]}")
+            feats.append(out.float().cpu())
+            labs.append(torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu())
+    finally:
+        for module, training in modes:
+            module.training = training
+        if home_device != device:
+            encoder.to(home_device)
+
+    if not feats:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(labs)
+
+
+def _cache_matches(cached: Any, cache_key: str, splits: Any) -> bool:
+    """True when a loaded cache was written under ``cache_key`` for splits of the same sizes."""
+    if not isinstance(cached, dict) or cached.get("key") != cache_key:
+        return False
+    dims = set()
+    for name in _SPLITS:
+        ds, x, y = getattr(splits, name, None), cached.get(f"{name}_x"), cached.get(f"{name}_y")
+        if ds is None:
+            if x is not None or y is not None:
+                return False
+            continue
+        if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+            return False
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) > len(ds):
+            return False
+        dims.add(x.shape[1])
+    return len(dims) == 1
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a unique temp file in the target directory then ``os.replace`` it into place, so
+    a crash (or a concurrent rank) never leaves a truncated cache under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def extract_split_features(
+    encoder: nn.Module,
+    splits: Any,
+    *,
+    cache_path: str | Path | None = None,
+    cache_key: str = "",
+    **kwargs: Any,
+) -> SplitFeatures:
+    """Extract features for the train / val / test splits of a ``DataSplits``-like object.
+
+    Args:
+        encoder: frozen encoder, see :func:`extract_features`.
+        splits: has ``train``, ``val``, ``test`` (datasets or ``None``), ``mean`` and ``std``.
+        cache_path: optional file; when it exists, was written with the same ``cache_key`` and
+            holds features of the right sizes, it is loaded instead of running the encoder.
+            Otherwise the features are computed and saved there atomically.
+        cache_key: identifies what produced the features (e.g. checkpoint path + step + dataset);
+            a different key invalidates the cache.
+        **kwargs: forwarded to :func:`extract_features`; ``mean`` / ``std`` default to
+            ``splits.mean`` / ``splits.std``.
+    """
+    path = Path(cache_path) if cache_path is not None else None
+    if path is not None and path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        # A truncated or foreign file must not kill the evaluation: recompute instead.
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+            log.warning("ignoring unreadable feature cache %s (%s)", path, err)
+            cached = None
+        if _cache_matches(cached, cache_key, splits):
+            log.info("loaded cached features from %s", path)
+            return SplitFeatures(**{k: cached[k] for k in SplitFeatures.__dataclass_fields__})
+        if cached is not None:
+            log.info("feature cache %s is stale (key or sizes differ); recomputing", path)
+
+    kwargs.setdefault("mean", splits.mean)
+    kwargs.setdefault("std", splits.std)
+    kwargs.setdefault("crop_size", getattr(splits, "img_size", None))
+    desc = kwargs.pop("desc", "features")
+    out: dict[str, Tensor | None] = {}
+    for name in _SPLITS:
+        ds = getattr(splits, name, None)
+        x = y = None
+        if ds is not None:
+            x, y = extract_features(encoder, ds, desc=f"{desc}/{name}", **kwargs)
+            if bool((y < 0).any()):  # e.g. STL-10's unlabelled images in the pretraining split
+                keep = y >= 0
+                log.info("%s: dropping %d unlabelled samples from evaluation", name, int((~keep).sum()))
+                x, y = x[keep], y[keep]
+        out[f"{name}_x"], out[f"{name}_y"] = x, y
+    features = SplitFeatures(**out)
+
+    if path is not None:
+        _atomic_save({"key": cache_key, **out}, path)
+        log.info("saved features to %s", path)
+    return features
