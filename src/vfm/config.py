@@ -1,0 +1,226 @@
+"""Config validation that runs before any data is read or any model is built.
+
+Every node with a `_target_` is checked against the signature of the callable it names: unknown
+keys, missing required values and wrong types fail with the full key path and a fix. Cross-field
+rules (batch divisibility, patch tokens, crop sizes) follow. All of it only imports code and
+reads the config, so a bad command fails in about a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+# The Hydra config tree lives at the repository root (conf/), next to src/; VFM_CONF_DIR overrides it.
+CONF_DIR = os.environ.get("VFM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+# keys of a method node that are not constructor arguments but separate components
+METHOD_COMPONENT_KEYS = ("augment", "schedules")
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+class ConfigError(ValueError):
+    """A config problem, reported with the key and how to fix it."""
+
+
+def register_resolvers() -> None:
+    """`${vfm.run_name:${hydra:job.override_dirname}}`: the run folder name ("default" if no overrides)."""
+    if not OmegaConf.has_resolver("vfm.run_name"):
+        OmegaConf.register_new_resolver(
+            "vfm.run_name", lambda s: (str(s).replace("/", "_")[:200] or "default")
+        )
+
+
+def _type_ok(value: Any, ann: Any) -> bool:
+    if ann is inspect.Parameter.empty or ann is Any:
+        return True
+    origin = typing.get_origin(ann)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(ann))
+    if ann is type(None):
+        return value is None
+    if value is None:
+        return False
+    if ann is bool:
+        return isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in typing.get_args(ann)
+    if origin in (list, tuple, Sequence, typing.Sequence) or ann in (list, tuple):
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        return all(_type_ok(v, args[0]) for v in value) if len(args) == 1 or (args and origin is not tuple) else True
+    if origin in (dict, Mapping, typing.Mapping) or ann in (dict,):
+        return isinstance(value, (dict, DictConfig))
+    return True  # modules, tensors, callables: passed in code, not from YAML
+
+
+def _describe(ann: Any) -> str:
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def validate_node(node: DictConfig, path: str, skip: Sequence[str] = ()) -> None:
+    """Check one `_target_` node (and its nested `_target_` nodes) against the target's signature."""
+    target = node.get("_target_")
+    try:
+        obj = get_object(target)
+    except Exception as e:
+        raise ConfigError(f"{path}._target_={target!r} cannot be imported ({e}); check the spelling") from e
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    sig = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    params = {n: p for n, p in sig.parameters.items() if n not in ("self",)}
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    for key in node.keys():
+        key = str(key)
+        if key in _HYDRA_KEYS or key in skip:
+            continue
+        if key not in params and not var_kw:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean {path}.{close[0]}?" if close else ""
+            raise ConfigError(
+                f"unknown key {path}.{key} for {target}.{hint} Accepted keys: {', '.join(accepted)}"
+            )
+        if OmegaConf.is_missing(node, key):
+            raise ConfigError(f"missing required value {path}.{key}: pass it on the command line, e.g. {path}.{key}=...")
+        try:
+            value = node[key]
+        except InterpolationResolutionError as e:
+            raise ConfigError(f"{path}.{key} cannot be resolved: {e}") from e
+        if isinstance(value, DictConfig) and "_target_" in value:
+            validate_node(value, f"{path}.{key}")
+            continue
+        if isinstance(value, DictConfig) and key not in params:
+            continue
+        ann = hints.get(key, params[key].annotation if key in params else inspect.Parameter.empty)
+        plain = OmegaConf.to_object(value) if isinstance(value, (DictConfig, ListConfig)) else value
+        if not _type_ok(plain, ann):
+            raise ConfigError(
+                f"{path}.{key}={plain!r} has the wrong type: {target} expects {_describe(ann)}"
+                f" (e.g. {path}.{key}={_example(ann)})"
+            )
+    # required constructor arguments that the config must supply
+    for name, p in params.items():
+        if p.default is inspect.Parameter.empty and p.kind is p.KEYWORD_ONLY and name not in node and name not in skip:
+            raise ConfigError(f"missing required key {path}.{name} for {target}; add {path}.{name}=...")
+
+
+def _example(ann: Any) -> str:
+    for t, ex in ((bool, "true"), (int, "10"), (float, "0.001"), (str, "name")):
+        if ann is t or t in typing.get_args(ann):
+            return ex
+    return "[...]"
+
+
+def _resolve_all(cfg: DictConfig) -> None:
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except InterpolationResolutionError as e:
+        raise ConfigError(f"config interpolation failed: {e}") from e
+
+
+def _check_missing(cfg: DictConfig, prefix: str = "") -> None:
+    for key in cfg.keys():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if OmegaConf.is_missing(cfg, key):
+            raise ConfigError(f"missing required value {path}: pass it on the command line, e.g. {path}=...")
+        v = cfg._get_node(key)
+        if isinstance(v, DictConfig):
+            _check_missing(v, path)
+
+
+def validate_pretrain(cfg: DictConfig, world_size: int = 1) -> None:
+    """All checks for `pretrain`; raises ConfigError naming the key and the fix."""
+    skip_hydra = {"hydra"}
+    _check_missing(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k not in skip_hydra]))
+    for group in ("backbone", "dataset", "optim", "trainer", "logger"):
+        if group not in cfg or cfg[group] is None:
+            raise ConfigError(f"config group {group} is missing; select one, e.g. {group}=...")
+        validate_node(cfg[group], group)
+    validate_node(cfg.method, "method", skip=METHOD_COMPONENT_KEYS)
+    if "augment" in cfg.method:
+        validate_node(cfg.method.augment, "method.augment")
+    for name, spec in (cfg.method.get("schedules") or {}).items():
+        validate_node(spec, f"method.schedules.{name}")
+    for name, ev in (cfg.get("evaluator") or {}).items():
+        validate_node(ev, f"evaluator.{name}", skip=("device",))
+    _cross_checks(cfg, world_size)
+
+
+def validate_evaluate(cfg: DictConfig) -> None:
+    _check_missing(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
+    for group in ("backbone", "dataset", "trainer"):
+        validate_node(cfg[group], group)
+    for name, ev in (cfg.get("evaluator") or {}).items():
+        validate_node(ev, f"evaluator.{name}", skip=("device",))
+
+
+def _cross_checks(cfg: DictConfig, world_size: int) -> None:
+    from vfm.backbones.timm_backbone import _is_vit
+
+    tr, bb, ds = cfg.trainer, cfg.backbone, cfg.dataset
+    for key in ("max_epochs", "batch_size", "accum_steps"):
+        if tr[key] < 1:
+            raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")
+    per = world_size * tr.accum_steps
+    if tr.batch_size % per != 0:
+        raise ConfigError(
+            f"trainer.batch_size={tr.batch_size} is not divisible by {world_size} process(es) x "
+            f"trainer.accum_steps={tr.accum_steps}; use a multiple of {per}, e.g. trainer.batch_size={per * max(1, tr.batch_size // per)}"
+        )
+    try:
+        is_vit = _is_vit(bb.name)
+    except ValueError as e:
+        raise ConfigError(f"backbone.name: {e}") from e
+    method_cls = get_object(cfg.method._target_)
+    if getattr(method_cls, "needs_patch_tokens", False) and not is_vit:
+        raise ConfigError(
+            f"method {cfg.method._target_} needs patch tokens but backbone.name={bb.name} has none; "
+            f"use a ViT backbone, e.g. backbone=vit_small"
+        )
+    img, patch = ds.img_size, bb.get("patch_size")
+    if is_vit and patch:
+        if img % patch:
+            raise ConfigError(
+                f"backbone.patch_size={patch} does not divide dataset.img_size={img}; pick a divisor of {img}"
+            )
+        aug = cfg.method.get("augment")
+        if aug is not None:
+            for key in ("global_crop_size", "local_crop_size"):
+                if key in aug and aug[key] % patch:
+                    raise ConfigError(
+                        f"method.augment.{key}={aug[key]} is not a multiple of backbone.patch_size={patch}"
+                    )
+    aug = cfg.method.get("augment")
+    if aug is not None and "local_crop_size" in aug and aug.local_crop_size > aug.global_crop_size:
+        raise ConfigError(
+            f"method.augment.local_crop_size={aug.local_crop_size} exceeds global_crop_size={aug.global_crop_size} "
+            f"(dataset.img_size={img}); set method.augment.local_crop_size smaller, e.g. {max(1, img * 3 // 7)}"
+        )
+    if tr.precision == "fp16" and tr.device == "cpu":
+        raise ConfigError("trainer.precision=fp16 needs a GPU; on the CPU use trainer.precision=bf16 or fp32")
+    if cfg.get("evaluator") and ds.num_classes == 0:
+        raise ConfigError(
+            f"evaluators {list(cfg.evaluator.keys())} need labels but dataset {ds._target_} has none; "
+            f"pass evaluator=[] (then evaluate the checkpoint on a labelled dataset with `evaluate`)"
+        )

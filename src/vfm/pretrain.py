@@ -1,0 +1,184 @@
+"""`pretrain`: the pretraining entry point. Thin: compose, validate, build, train, evaluate.
+
+    pretrain                                  # DINO on Fashion-MNIST (the CPU recipe)
+    pretrain method=dino optim.blr=1e-3 trainer.max_epochs=5
+    torchrun --nproc_per_node=2 -m vfm.pretrain trainer.device=cpu
+
+`run(cfg)` returns the final metrics and is what tests call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vfm import distributed as vdist
+from vfm.config import (
+    CONF_DIR,
+    METHOD_COMPONENT_KEYS,
+    register_resolvers,
+    validate_pretrain,
+)
+from vfm.data.loader import MultiCropCollate
+from vfm.engine.logging import NullLogger
+from vfm.engine.trainer import select_device
+from vfm.evaluators.suite import run_evaluators
+
+log = logging.getLogger("vfm.pretrain")
+register_resolvers()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_method(cfg: DictConfig) -> torch.nn.Module:
+    """Backbone + method from the config, seeded so the same config always gives the same init."""
+    seed_everything(cfg.trainer.seed)
+    backbone = instantiate(cfg.backbone)
+    # resolve first: method keys may interpolate its components (n_global_crops: ${.augment.n_global})
+    node = OmegaConf.to_container(cfg.method, resolve=True)
+    method_cfg = {k: v for k, v in node.items() if k not in METHOD_COMPONENT_KEYS}  # type: ignore[union-attr]
+    return instantiate(method_cfg, backbone=backbone)
+
+
+def build_random_encoder(cfg: DictConfig) -> torch.nn.Module:
+    """The backbone exactly as initialised before pretraining: same seed, and the backbone is the
+    first thing `build_method` creates, so the weights are identical."""
+    seed_everything(cfg.trainer.seed)
+    return instantiate(cfg.backbone)
+
+
+def encoder_prefix(method: torch.nn.Module) -> str:
+    """State-dict prefix of `method.encoder` inside the method (e.g. "teacher.backbone.")."""
+    for name, module in method.named_modules():
+        if module is method.encoder:
+            return f"{name}." if name else ""
+    raise ValueError("method.encoder is not a submodule of the method")
+
+
+def format_table(metrics: dict[str, float], method_name: str) -> str:
+    names = sorted({k.split("/")[0] for k in metrics if k.endswith("top1") and not k.startswith("baseline/")})
+    cols = [n for n in names if f"{n}/top1" in metrics]
+    header = "| encoder | " + " | ".join(f"{c} top-1 (test)" for c in cols) + " |"
+    lines = [header, "|---" * (len(cols) + 1) + "|"]
+    lines.append(f"| pretrained ({method_name}) | " + " | ".join(f"{metrics[f'{c}/top1']:.2f}" for c in cols) + " |")
+    if any(k.startswith("baseline/") for k in metrics):
+        lines.append(
+            "| random init | " + " | ".join(f"{metrics.get(f'baseline/{c}/top1', float('nan')):.2f}" for c in cols) + " |"
+        )
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Pretrain as configured and return the final metrics (also written to metrics.json)."""
+    world = vdist.env_world_size()
+    validate_pretrain(cfg, world)  # fails fast: nothing built or read yet
+    device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
+    vdist.init_distributed(device_type)
+    rank = vdist.get_rank()
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(resolved)
+
+    method = build_method(cfg)
+    augment = instantiate(cfg.method.augment)
+    schedules = {k: instantiate(v) for k, v in (cfg.method.get("schedules") or {}).items()}
+    optim = instantiate(cfg.optim)
+    trainer = instantiate(cfg.trainer)
+    splits = instantiate(cfg.dataset)  # the first data read
+    evaluators = {k: instantiate(v) for k, v in (cfg.get("evaluator") or {}).items()}
+    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if rank == 0 else NullLogger()
+    logger.log_text("config", resolved)
+    device = str(select_device(cfg.trainer.device))
+    eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision, progress=trainer.progress)
+
+    def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
+        return run_evaluators(encoder, splits, evaluators, **eval_kw)
+
+    method_name = cfg.method._target_.rsplit(".", 1)[-1]
+    log.info("pretraining %s on %s with %s -> %s", method_name, cfg.dataset._target_.rsplit(".", 1)[-1], cfg.backbone.name, run_dir)
+    result = trainer.fit(
+        method, splits.train, MultiCropCollate(augment), optim=optim, schedules=schedules, run_dir=run_dir,
+        logger=logger, evaluate_fn=evaluate_fn, eval_every_n_epochs=cfg.eval.every_n_epochs,
+        extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "encoder_prefix": encoder_prefix(method)},
+    )
+
+    metrics: dict[str, Any] = {}
+    if rank == 0:
+        encoder = method.encoder
+        _export(method, run_dir, cfg)
+        cache = run_dir / "features" if cfg.eval.cache_features else None
+        metrics.update(run_evaluators(
+            encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
+            cache_key=f"step{result['step']}", **eval_kw,
+        ))
+        if cfg.eval.baseline and evaluators:
+            metrics.update(run_evaluators(
+                build_random_encoder(cfg).to(device), splits, evaluators, prefix="baseline/",
+                cache_path=cache and cache / "random_init.pt", cache_key="random", **eval_kw,
+            ))
+        history = result["history"]
+        metrics.update({
+            "train/steps": result["step"], "train/epochs": result["epoch"],
+            "train/final_loss": history[-1]["loss"] if history else float("nan"),
+            "train/images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else float("nan"),
+            "train/seconds": float(sum(h["seconds"] for h in history)),
+        })
+        tmp = run_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps({"metrics": metrics, "lr_rule": result["lr_rule"]}, indent=2))
+        os.replace(tmp, run_dir / "metrics.json")
+        logger.log_scalars({f"final/{k}": v for k, v in metrics.items()}, result["step"])
+        logger.log_hparams(_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k})
+        logger.close()
+        if any(k.endswith("top1") for k in metrics):
+            table = format_table(metrics, method_name)
+            log.info("final evaluation (%s):\n%s", run_dir, table)
+    vdist.barrier()
+    return metrics
+
+
+def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:
+    encoder = method.encoder
+    if hasattr(encoder, "export"):
+        path = encoder.export(run_dir / "encoder.safetensors")
+        log.info("exported encoder weights (timm %s) to %s", cfg.backbone.name, path)
+
+
+def _hparams(cfg: DictConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for group in ("method", "optim", "trainer", "backbone"):
+        node = OmegaConf.to_container(cfg[group], resolve=True)
+        for k, v in node.items():  # type: ignore[union-attr]
+            if isinstance(v, (int, float, str, bool)):
+                flat[f"{group}.{k}"] = v
+    flat["dataset"] = cfg.dataset._target_.rsplit(".", 1)[-1]
+    return flat
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = run(cfg)
+    finally:
+        vdist.destroy()
+    # Hydra sweepers (e.g. Optuna) optimise the returned value: the headline metric.
+    return metrics.get("knn/top1") if metrics else None
+
+
+if __name__ == "__main__":
+    main()

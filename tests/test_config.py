@@ -1,0 +1,89 @@
+"""Every config group composes and validates; config errors fail before any data is read."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY, compose_cfg
+
+from vfm.config import CONF_DIR, ConfigError, validate_pretrain
+from vfm.methods.dino import DINO
+
+GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator"]
+NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
+               ("backbone", "timm"): "backbone.name"}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_each_group_option_composes_and_validates(group, option, tmp_path):
+    overrides = [f"evaluator=[{option}]"] if group == "evaluator" else [f"{group}={option}"]
+    if group == "dataset":
+        # a patch and local-crop size that fit every dataset's image size
+        overrides += ["backbone.patch_size=4", "method.augment.local_crop_size=16"]
+    cfg = compose_cfg(overrides, tmp_path)
+    key = NEEDS_VALUE.get((group, option))
+    if key:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate_pretrain(cfg)
+    else:
+        validate_pretrain(cfg)
+
+
+def test_every_group_is_in_the_defaults():
+    cfg = compose_cfg([])
+    for key in ["paths", "backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "eval"]:
+        assert key in cfg, key
+    assert list(cfg.evaluator.keys()) == ["knn", "linear"]
+
+
+def test_overrides_reach_the_config():
+    cfg = compose_cfg(["method=dino", "optim.blr=1e-3", "trainer.max_epochs=5"])
+    assert cfg.optim.blr == 1e-3 and cfg.trainer.max_epochs == 5
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"trainer\.max_epochs='abc' has the wrong type.*int"):
+        validate_pretrain(compose_cfg(TINY + ["trainer.max_epochs=abc"]))
+
+
+def test_unknown_key_names_key_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown key method\.out_dimm.*Did you mean method\.out_dim"):
+        validate_pretrain(compose_cfg(TINY + ["+method.out_dimm=3"]))
+
+
+def test_missing_value_names_key():
+    with pytest.raises(ConfigError, match=r"dataset\.root"):
+        validate_pretrain(compose_cfg(["dataset=imagefolder"]))
+
+
+def test_batch_not_divisible_by_processes():
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size=64 is not divisible by 3 process"):
+        validate_pretrain(compose_cfg(TINY), world_size=3)
+
+
+def test_method_needing_patch_tokens_rejects_cnn(monkeypatch):
+    monkeypatch.setattr(DINO, "needs_patch_tokens", True)
+    with pytest.raises(ConfigError, match=r"needs patch tokens.*backbone\.name=resnet18"):
+        validate_pretrain(compose_cfg(TINY + ["backbone=resnet18"]))
+
+
+def test_patch_size_must_divide_image():
+    with pytest.raises(ConfigError, match=r"backbone\.patch_size=16 does not divide dataset\.img_size=28"):
+        validate_pretrain(compose_cfg(["backbone.patch_size=16"]))
+
+
+def test_cli_fails_fast_before_reading_data(tmp_path):
+    # A data folder that does not exist: the config error must win, so no data was touched.
+    cmd = [sys.executable, "-m", "vfm.pretrain", "trainer.max_epochs=abc", f"paths.data_dir={tmp_path}/nowhere",
+           f"hydra.run.dir={tmp_path}/run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "trainer.max_epochs='abc' has the wrong type" in proc.stderr + proc.stdout
+    assert "not found" not in (proc.stderr + proc.stdout).lower()

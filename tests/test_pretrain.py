@@ -1,0 +1,87 @@
+"""End to end: `pretrain.run` on synthetic data, resume, 2-process torchrun, `evaluate.run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_cfg
+from safetensors.torch import load_file
+
+from vfm import evaluate, pretrain
+from vfm.engine.trainer import NonFiniteLossError
+
+
+def test_pretrain_run_writes_the_run_directory(tiny_cfg, tmp_path):
+    cfg = tiny_cfg()
+    metrics = pretrain.run(cfg)
+    run = Path(cfg.paths.output_dir)
+    for name in ["config.yaml", "metrics.json", "encoder.safetensors", "checkpoints/last.pt"]:
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    for key in ["knn/top1", "linear/top1", "baseline/knn/top1", "baseline/linear/top1", "train/final_loss"]:
+        assert key in metrics, key
+    assert json.loads((run / "metrics.json").read_text())["metrics"]["knn/top1"] == metrics["knn/top1"]
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert state["step"] == metrics["train/steps"] > 0
+    assert {"model", "optimizer", "scaler", "rng", "config", "encoder_prefix"} <= set(state)
+    assert "loss_fn.center" in state["model"]  # the DINO center is part of the state
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
+    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none")
+    full = tiny_cfg(*common, run_dir=tmp_path / "full")
+    pretrain.run(full)
+    # stop mid-epoch (8 steps per epoch here), then run the same command again in the same directory
+    part = tiny_cfg(*common, "trainer.max_steps=5", run_dir=tmp_path / "part")
+    pretrain.run(part)
+    assert torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=False)["step"] == 5
+    pretrain.run(tiny_cfg(*common, run_dir=tmp_path / "part"))
+    a = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=False)
+    assert a["step"] == b["step"] == 16
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_non_finite_loss_stops_with_step(tiny_cfg):
+    with pytest.raises(NonFiniteLossError, match="at step 0"):
+        pretrain.run(tiny_cfg("optim.blr=nan", "evaluator=[]", "logger=none"))
+
+
+def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none")
+    metrics = pretrain.run(cfg)
+    run = Path(cfg.paths.output_dir)
+    common = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none"]
+    m_ckpt = evaluate.run(compose_cfg(common + [f"checkpoint={run}/checkpoints/last.pt"], tmp_path / "e1", "evaluate"))
+    m_st = evaluate.run(compose_cfg(common + [f"checkpoint={run}/encoder.safetensors"], tmp_path / "e2", "evaluate"))
+    assert m_ckpt["knn/top1"] == pytest.approx(metrics["knn/top1"], abs=1e-6)
+    assert m_st["knn/top1"] == pytest.approx(metrics["knn/top1"], abs=1.0)  # same weights, fused vs plain attention
+    rnd = evaluate.run(compose_cfg(common + ["checkpoint=random", "backbone.patch_size=7",
+                                            "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"],
+                                   tmp_path / "e3", "evaluate"))
+    assert set(rnd) >= {"knn/top1", "linear/top1"}
+    assert load_file(str(run / "encoder.safetensors"))  # plain tensors, loadable without vfm
+
+
+@pytest.mark.slow
+def test_two_process_gloo_torchrun(tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "vfm.pretrain", *TINY, "trainer.max_epochs=1", "eval.baseline=false", f"hydra.run.dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    # 512 images / global batch 64 = 8 steps whatever the process count (32 per process)
+    assert state["step"] == 8
+    assert "2 process(es) x 32 images" in (run / "pretrain.log").read_text()
+    assert "knn/top1" in json.loads((run / "metrics.json").read_text())["metrics"]
