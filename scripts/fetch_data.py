@@ -8,6 +8,7 @@ else downloaded by torchvision into `<root>/FashionMNIST/raw`.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -15,8 +16,14 @@ import sys
 
 from vfm.data import datasets
 
-BUILDERS = {"fashion_mnist": datasets.fashion_mnist, "mnist": datasets.mnist, "cifar10": datasets.cifar10,
-            "cifar100": datasets.cifar100, "stl10": datasets.stl10}
+BUILDERS = {
+    "fashion_mnist": datasets.fashion_mnist,
+    "mnist": datasets.mnist,
+    "cifar10": functools.partial(datasets.benchmark, variant="cifar10", img_size=32, in_chans=3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+    "cifar100": functools.partial(datasets.benchmark, variant="cifar100", img_size=32, in_chans=3, mean=(0.5071, 0.4865, 0.4409),
+                                  std=(0.2673, 0.2564, 0.2762), num_classes=100),
+    "stl10": datasets.stl10,
+}
 
 
 def try_load(name: str, root: str, download: bool) -> bool:

@@ -194,7 +194,7 @@ def test_tensor_image_dataset_validation() -> None:
 
 def test_torchvision_dataset_not_found(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="dataset.download=true"):
-        D.cifar10(root=str(tmp_path))
+        D.benchmark(variant="cifar10", img_size=32, in_chans=3, mean=(0.5,0.5,0.5), std=(0.2,0.2,0.2), root=str(tmp_path))
 
 
 # ---------------------------------------------------------------------------------- folders

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,8 +40,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageFileDataset",
     "TensorImageDataset",
-    "cifar10",
-    "cifar100",
+    "benchmark",
     "fashion_mnist",
     "imagefolder",
     "labelled_subset",
@@ -373,127 +373,6 @@ def _load_idx_dataset(
     return splits[0], splits[1]
 
 
-def _idx_builder(
-    *,
-    display: str,
-    tv_name: str,
-    alias: str,
-    apt_package: str | None,
-    class_names: list[str],
-    root: str,
-    download: bool,
-    val_fraction: float,
-    seed: int,
-    img_size: int,
-    in_chans: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    num_classes: int,
-    system_dirs: Sequence[str],
-) -> DataSplits:
-    mean_t, std_t = _stats(mean, std, in_chans)
-    if not 0.0 <= val_fraction < 1.0:  # checked before loading 60k images
-        raise ValueError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
-    full_train, test = _load_idx_dataset(
-        display=display,
-        tv_name=tv_name,
-        alias=alias,
-        root=root,
-        download=download,
-        system_dirs=system_dirs,
-        apt_package=apt_package,
-    )
-    _check_declared(display, full_train.images, img_size=img_size, in_chans=in_chans)
-    _check_num_classes(display, num_classes, len(class_names), torch.cat([full_train.labels, test.labels]))
-    train, val = split_train_val(full_train, val_fraction, seed)
-    return DataSplits(
-        train=train,
-        val=val,
-        test=test,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean_t,
-        std=std_t,
-        num_classes=num_classes,
-        class_names=list(class_names),
-    )
-
-
-def fashion_mnist(
-    *,
-    root: str = "data",
-    download: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    img_size: int = 28,
-    in_chans: int = 1,
-    mean: Sequence[float] = (0.2860,),
-    std: Sequence[float] = (0.3530,),
-    num_classes: int = 10,
-    system_dirs: Sequence[str] = ("/usr/share/datasets/fashion-mnist",),
-) -> DataSplits:
-    """Fashion-MNIST (Xiao et al. 2017): 60k train / 10k test 28x28 grayscale, 10 clothing classes.
-
-    Looks for the four idx files (plain or gzipped) in ``root/FashionMNIST/raw`` (torchvision's
-    layout), ``root/fashion-mnist``, ``root``, then each of ``system_dirs`` (Debian's
-    ``dataset-fashion-mnist`` package), and downloads with torchvision when ``download`` is set.
-    ``val`` is a seeded random ``val_fraction`` of the official train set, ``test`` the t10k set.
-    """
-    return _idx_builder(
-        display="Fashion-MNIST",
-        tv_name="FashionMNIST",
-        alias="fashion-mnist",
-        apt_package="dataset-fashion-mnist",
-        class_names=FASHION_MNIST_CLASSES,
-        root=root,
-        download=download,
-        val_fraction=val_fraction,
-        seed=seed,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean,
-        std=std,
-        num_classes=num_classes,
-        system_dirs=system_dirs,
-    )
-
-
-def mnist(
-    *,
-    root: str = "data",
-    download: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    img_size: int = 28,
-    in_chans: int = 1,
-    mean: Sequence[float] = (0.1307,),
-    std: Sequence[float] = (0.3081,),
-    num_classes: int = 10,
-    system_dirs: Sequence[str] = ("/usr/share/datasets/mnist",),
-) -> DataSplits:
-    """MNIST (LeCun et al. 1998): 60k train / 10k test 28x28 grayscale digits.
-
-    Same lookup as :func:`fashion_mnist`, with torchvision's ``root/MNIST/raw`` and ``root/mnist``.
-    """
-    return _idx_builder(
-        display="MNIST",
-        tv_name="MNIST",
-        alias="mnist",
-        apt_package=None,
-        class_names=MNIST_CLASSES,
-        root=root,
-        download=download,
-        val_fraction=val_fraction,
-        seed=seed,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean,
-        std=std,
-        num_classes=num_classes,
-        system_dirs=system_dirs,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # torchvision-backed in-memory datasets
 # --------------------------------------------------------------------------------------------
@@ -515,24 +394,22 @@ def _torchvision_dataset(display: str, cls_name: str, root: str, download: bool,
         ) from e
 
 
-def _cifar(
-    *,
-    display: str,
-    cls_name: str,
-    folder: str,
-    root: str,
-    download: bool,
-    val_fraction: float,
-    seed: int,
-    img_size: int,
-    in_chans: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    num_classes: int,
-) -> DataSplits:
-    mean_t, std_t = _stats(mean, std, in_chans)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+# In-memory labelled benchmarks. idx files: variant -> (display name, torchvision class / raw folder,
+# alternative folder, Debian package, class names, default system dirs).
+_IDX_DATASETS: dict[str, tuple[str, str, str, str | None, list[str], tuple[str, ...]]] = {
+    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST", "fashion-mnist", "dataset-fashion-mnist",
+                      FASHION_MNIST_CLASSES, ("/usr/share/datasets/fashion-mnist",)),
+    "mnist": ("MNIST", "MNIST", "mnist", None, MNIST_CLASSES, ("/usr/share/datasets/mnist",)),
+}
+# torchvision pickles: variant -> (display name, torchvision class, folder torchvision extracts to)
+_CIFAR = {
+    "cifar10": ("CIFAR-10", "CIFAR10", "cifar-10-batches-py"),
+    "cifar100": ("CIFAR-100", "CIFAR100", "cifar-100-python"),
+}
+
+
+def _load_cifar(variant: str, root: str, download: bool) -> tuple[TensorImageDataset, TensorImageDataset, list[str]]:
+    display, cls_name, folder = _CIFAR[variant]
     parts = []
     class_names: list[str] = []
     for train in (True, False):
@@ -541,83 +418,66 @@ def _cifar(
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         parts.append(TensorImageDataset(images, torch.tensor(ds.targets, dtype=torch.int64)))
         class_names = list(ds.classes)
-    full_train, test = parts
-    _check_declared(display, full_train.images, img_size=img_size, in_chans=in_chans)
-    _check_num_classes(display, num_classes, len(class_names), full_train.labels)
-    train, val = split_train_val(full_train, val_fraction, seed)
-    return DataSplits(
-        train=train,
-        val=val,
-        test=test,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean_t,
-        std=std_t,
-        num_classes=num_classes,
-        class_names=class_names,
-    )
+    return parts[0], parts[1], class_names
 
 
-def cifar10(
+def benchmark(
     *,
+    variant: str = "fashion_mnist",
     root: str = "data",
     download: bool = False,
     val_fraction: float = 0.1,
     seed: int = 0,
-    img_size: int = 32,
-    in_chans: int = 3,
-    mean: Sequence[float] = (0.4914, 0.4822, 0.4465),
-    std: Sequence[float] = (0.2470, 0.2435, 0.2616),
+    img_size: int = 28,
+    in_chans: int = 1,
+    mean: Sequence[float] = (0.2860,),
+    std: Sequence[float] = (0.3530,),
     num_classes: int = 10,
+    system_dirs: Sequence[str] | None = None,
 ) -> DataSplits:
-    """CIFAR-10 (Krizhevsky 2009): 50k train / 10k test 32x32 RGB, 10 classes, via torchvision.
+    """The small labelled benchmarks, held in memory as uint8 tensors, by ``variant``:
 
-    Files are expected in ``root/cifar-10-batches-py`` (torchvision's layout). ``std`` is the true
-    per-pixel standard deviation of the train set (not the often copied 0.2023/0.1994/0.2010).
+    - ``fashion_mnist`` (Xiao et al. 2017) and ``mnist`` (LeCun et al. 1998): 60k train / 10k test
+      28x28 grayscale. The four idx files (plain or gzipped) are looked for in
+      ``root/<FashionMNIST|MNIST>/raw`` (torchvision's layout), ``root/<fashion-mnist|mnist>``,
+      ``root``, then each of ``system_dirs`` (default: where Debian's ``dataset-fashion-mnist``
+      puts them), and downloaded with torchvision when ``download`` is set.
+    - ``cifar10`` / ``cifar100`` (Krizhevsky 2009): 50k train / 10k test 32x32 RGB, read by
+      torchvision from ``root/cifar-10-batches-py`` / ``root/cifar-100-python``. CIFAR-10's ``std``
+      is the true per-pixel standard deviation of the train set (not the often copied 0.2023/...).
+
+    ``val`` is a seeded random ``val_fraction`` of the official train set, ``test`` the official
+    test set. Each variant's yaml file sets its mean/std, size and class count.
     """
-    return _cifar(
-        display="CIFAR-10",
-        cls_name="CIFAR10",
-        folder="cifar-10-batches-py",
-        root=root,
-        download=download,
-        val_fraction=val_fraction,
-        seed=seed,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean,
-        std=std,
-        num_classes=num_classes,
-    )
+    if variant not in _IDX_DATASETS and variant not in _CIFAR:
+        raise ValueError(f"dataset.variant must be one of {sorted([*_IDX_DATASETS, *_CIFAR])}, got {variant!r}")
+    mean_t, std_t = _stats(mean, std, in_chans)
+    if not 0.0 <= val_fraction < 1.0:  # checked before loading any image
+        raise ValueError(f"dataset.val_fraction must be in [0, 1), got {val_fraction}")
+    if variant in _IDX_DATASETS:
+        display, tv_name, alias, apt_package, class_names, default_dirs = _IDX_DATASETS[variant]
+        full_train, test = _load_idx_dataset(
+            display=display, tv_name=tv_name, alias=alias, root=root, download=download,
+            system_dirs=default_dirs if system_dirs is None else system_dirs, apt_package=apt_package,
+        )
+    else:
+        display = _CIFAR[variant][0]
+        full_train, test, class_names = _load_cifar(variant, root, download)
+    _check_declared(display, full_train.images, img_size=img_size, in_chans=in_chans)
+    _check_num_classes(display, num_classes, len(class_names), torch.cat([full_train.labels, test.labels]))
+    train, val = split_train_val(full_train, val_fraction, seed)
+    return DataSplits(train=train, val=val, test=test, img_size=img_size, in_chans=in_chans, mean=mean_t,
+                      std=std_t, num_classes=num_classes, class_names=list(class_names))
 
 
-def cifar100(
-    *,
-    root: str = "data",
-    download: bool = False,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    img_size: int = 32,
-    in_chans: int = 3,
-    mean: Sequence[float] = (0.5071, 0.4865, 0.4409),
-    std: Sequence[float] = (0.2673, 0.2564, 0.2762),
-    num_classes: int = 100,
-) -> DataSplits:
-    """CIFAR-100 (Krizhevsky 2009): 50k train / 10k test 32x32 RGB, 100 fine classes, via torchvision."""
-    return _cifar(
-        display="CIFAR-100",
-        cls_name="CIFAR100",
-        folder="cifar-100-python",
-        root=root,
-        download=download,
-        val_fraction=val_fraction,
-        seed=seed,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean,
-        std=std,
-        num_classes=num_classes,
-    )
+def fashion_mnist(**kwargs: Any) -> DataSplits:
+    """Fashion-MNIST with its defaults: ``benchmark(variant="fashion_mnist", **kwargs)``."""
+    return benchmark(variant="fashion_mnist", **kwargs)
+
+
+def mnist(**kwargs: Any) -> DataSplits:
+    """MNIST: ``benchmark(variant="mnist", mean=(0.1307,), std=(0.3081,), **kwargs)``."""
+    return benchmark(**{"variant": "mnist", "mean": (0.1307,), "std": (0.3081,), **kwargs})
 
 
 def stl10(
@@ -658,17 +518,8 @@ def stl10(
     if unlabeled:
         extra, _ = load("unlabeled")
         train = TensorImageDataset(torch.cat([train.images, extra.images]), torch.cat([train.labels, extra.labels]))
-    return DataSplits(
-        train=train,
-        val=val,
-        test=test,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean_t,
-        std=std_t,
-        num_classes=num_classes,
-        class_names=class_names,
-    )
+    return DataSplits(train=train, val=val, test=test, img_size=img_size, in_chans=in_chans, mean=mean_t,
+                      std=std_t, num_classes=num_classes, class_names=class_names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -789,17 +640,8 @@ def imagefolder(
         test_samples, _ = _class_folder_samples(test_path, {c: i for i, c in enumerate(class_names)})
         if test_samples:
             test = ImageFileDataset(test_samples, resize=load_size, crop=img_size, in_chans=in_chans)
-    return DataSplits(
-        train=train,
-        val=val,
-        test=test,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean_t,
-        std=std_t,
-        num_classes=len(class_names),
-        class_names=class_names,
-    )
+    return DataSplits(train=train, val=val, test=test, img_size=img_size, in_chans=in_chans, mean=mean_t,
+                      std=std_t, num_classes=len(class_names), class_names=class_names)
 
 
 def unlabeled_folder(
@@ -833,17 +675,8 @@ def unlabeled_folder(
             f"unlabeled_folder: found no images with extensions {', '.join(extensions)} under {root_path} (searched recursively)"
         )
     train = ImageFileDataset([(str(p), -1) for p in files], resize=load_size, crop=load_size, in_chans=in_chans)
-    return DataSplits(
-        train=train,
-        val=None,
-        test=None,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean_t,
-        std=std_t,
-        num_classes=0,
-        class_names=[],
-    )
+    return DataSplits(train=train, val=None, test=None, img_size=img_size, in_chans=in_chans, mean=mean_t,
+                      std=std_t, num_classes=0, class_names=[])
 
 
 # --------------------------------------------------------------------------------------------
@@ -931,14 +764,6 @@ def synthetic(
         splits.append(TensorImageDataset(images, labels))
     train, val, test = splits
     assert train is not None
-    return DataSplits(
-        train=train,
-        val=val,
-        test=test,
-        img_size=img_size,
-        in_chans=in_chans,
-        mean=mean_t,
-        std=std_t,
-        num_classes=num_classes,
-        class_names=[f"class_{i}" for i in range(num_classes)],
-    )
+    return DataSplits(train=train, val=val, test=test, img_size=img_size, in_chans=in_chans, mean=mean_t,
+                      std=std_t, num_classes=num_classes,
+                      class_names=[f"class_{i}" for i in range(num_classes)])
