@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, compose_cfg
 
+from conftest import TINY, compose_cfg
 from vfm.config import CONF_DIR, ConfigError, validate_pretrain
 from vfm.methods.dino import DINO
 
-GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator"]
+GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "experiment"]
 NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
-               ("backbone", "timm"): "backbone.name"}
+               ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root"}
 
 
 def _options(group: str) -> list[str]:
@@ -33,6 +33,17 @@ def test_each_group_option_composes_and_validates(group, option, tmp_path):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate_pretrain(cfg)
     else:
+        validate_pretrain(cfg)
+
+
+@pytest.mark.parametrize("recipe", _options("recipe"))
+def test_each_recipe_composes_with_its_dataset(recipe, tmp_path):
+    kind, dataset = recipe.split("_", 1)
+    if kind == "eval":
+        cfg = compose_cfg([f"dataset={dataset}", "checkpoint=random"], tmp_path, "evaluate")
+        assert cfg.backbone.patch_size and cfg.dataset.img_size % cfg.backbone.patch_size == 0
+    else:
+        cfg = compose_cfg([f"method={kind}", f"dataset={dataset}"], tmp_path)
         validate_pretrain(cfg)
 
 
