@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_cfg
 from safetensors.torch import load_file
 
+from conftest import TINY, compose_cfg
 from vfm import evaluate, pretrain
 from vfm.engine.trainer import NonFiniteLossError
 
@@ -34,7 +34,8 @@ def test_pretrain_run_writes_the_run_directory(tiny_cfg, tmp_path):
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
-    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none")
+    # drop_path draws from the global RNG: the resumed run must restore it to match
+    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2")
     full = tiny_cfg(*common, run_dir=tmp_path / "full")
     pretrain.run(full)
     # stop mid-epoch (8 steps per epoch here), then run the same command again in the same directory
@@ -52,19 +53,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
 
 
 def test_non_finite_loss_stops_with_step(tiny_cfg):
-    with pytest.raises(NonFiniteLossError, match="at step 0"):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 1\)"):
         pretrain.run(tiny_cfg("optim.blr=nan", "evaluator=[]", "logger=none"))
 
 
 def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none")
+    cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none", "trainer.precision=fp32")
     metrics = pretrain.run(cfg)
     run = Path(cfg.paths.output_dir)
-    common = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none"]
+    # fp32: timm's fused attention and our plain-op attention agree to ~1e-6 (bf16 would flip neighbours)
+    common = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none", "trainer.precision=fp32"]
     m_ckpt = evaluate.run(compose_cfg(common + [f"checkpoint={run}/checkpoints/last.pt"], tmp_path / "e1", "evaluate"))
     m_st = evaluate.run(compose_cfg(common + [f"checkpoint={run}/encoder.safetensors"], tmp_path / "e2", "evaluate"))
     assert m_ckpt["knn/top1"] == pytest.approx(metrics["knn/top1"], abs=1e-6)
-    assert m_st["knn/top1"] == pytest.approx(metrics["knn/top1"], abs=1.0)  # same weights, fused vs plain attention
+    assert m_st["knn/top1"] == pytest.approx(metrics["knn/top1"], abs=1e-6)
     rnd = evaluate.run(compose_cfg(common + ["checkpoint=random", "backbone.patch_size=7",
                                             "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"],
                                    tmp_path / "e3", "evaluate"))
@@ -75,7 +77,7 @@ def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_two_process_gloo_torchrun(tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "vfm.pretrain", *TINY, "trainer.max_epochs=1", "eval.baseline=false", f"hydra.run.dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except ConfigError as e:  # a user error: the message says what to change, a traceback would bury it
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     return metrics.get("knn/top1")
 
 

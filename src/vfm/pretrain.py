@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from vfm import distributed as vdist
 from vfm.config import (
     CONF_DIR,
     METHOD_COMPONENT_KEYS,
+    ConfigError,
     register_resolvers,
     validate_pretrain,
 )
@@ -59,6 +61,10 @@ def build_random_encoder(cfg: DictConfig) -> torch.nn.Module:
     first thing `build_method` creates, so the weights are identical."""
     seed_everything(cfg.trainer.seed)
     return instantiate(cfg.backbone)
+
+
+def dataset_name(cfg: DictConfig) -> str:
+    return str(cfg.dataset.get("variant") or cfg.dataset._target_.rsplit(".", 1)[-1])
 
 
 def encoder_prefix(method: torch.nn.Module) -> str:
@@ -111,7 +117,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return run_evaluators(encoder, splits, evaluators, **eval_kw)
 
     method_name = cfg.method._target_.rsplit(".", 1)[-1]
-    log.info("pretraining %s on %s with %s -> %s", method_name, cfg.dataset._target_.rsplit(".", 1)[-1], cfg.backbone.name, run_dir)
+    log.info("pretraining %s on %s with %s -> %s", method_name, dataset_name(cfg), cfg.backbone.name, run_dir)
     result = trainer.fit(
         method, splits.train, MultiCropCollate(augment), optim=optim, schedules=schedules, run_dir=run_dir,
         logger=logger, evaluate_fn=evaluate_fn, eval_every_n_epochs=cfg.eval.every_n_epochs,
@@ -166,7 +172,7 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
         for k, v in node.items():  # type: ignore[union-attr]
             if isinstance(v, (int, float, str, bool)):
                 flat[f"{group}.{k}"] = v
-    flat["dataset"] = cfg.dataset._target_.rsplit(".", 1)[-1]
+    flat["dataset"] = dataset_name(cfg)
     return flat
 
 
@@ -174,6 +180,9 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
+    except ConfigError as e:  # a user error: the message says what to change, a traceback would bury it
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     finally:
         vdist.destroy()
     # Hydra sweepers (e.g. Optuna) optimise the returned value: the headline metric.

@@ -177,7 +177,7 @@ def _cache_matches(cached: Any, cache_key: str, splits: Any) -> bool:
             continue
         if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
             return False
-        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) > len(ds):
+        if x.ndim != 2 or y.ndim != 1 or len(x) != len(y) or len(x) > len(ds) or cached.get(f"{name}_n", len(x)) != len(ds):
             return False
         dims.add(x.shape[1])
     return len(dims) == 1
@@ -251,6 +251,8 @@ def extract_split_features(
     features = SplitFeatures(**out)
 
     if path is not None:
-        _atomic_save({"key": cache_key, **out}, path)
+        # dataset sizes too: unlabelled samples are dropped from x/y, so len(x) may be < len(ds)
+        sizes = {f"{n}_n": len(getattr(splits, n)) for n in _SPLITS if getattr(splits, n, None) is not None}
+        _atomic_save({"key": cache_key, **out, **sizes}, path)
         log.info("saved features to %s", path)
     return features
