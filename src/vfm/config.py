@@ -25,7 +25,7 @@ from omegaconf.errors import InterpolationResolutionError
 CONF_DIR = os.environ.get("VFM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 # keys of a method node that are not constructor arguments but separate components
-METHOD_COMPONENT_KEYS = ("augment", "schedules")
+METHOD_COMPONENT_KEYS = ("augment", "schedules", "masking")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 
@@ -160,6 +160,8 @@ def validate_pretrain(cfg: DictConfig, world_size: int = 1) -> None:
     validate_node(cfg.method, "method", skip=METHOD_COMPONENT_KEYS)
     if "augment" in cfg.method:
         validate_node(cfg.method.augment, "method.augment")
+    if cfg.method.get("masking") is not None:  # a partial: the collate passes these three
+        validate_node(cfg.method.masking, "method.masking", skip=("batch_size", "grid_size", "generator"))
     for name, spec in (cfg.method.get("schedules") or {}).items():
         validate_node(spec, f"method.schedules.{name}")
     for name, ev in (cfg.get("evaluator") or {}).items():

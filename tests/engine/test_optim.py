@@ -43,3 +43,9 @@ def test_bad_names_fail():
         OptimSpec(name="lamb")
     with pytest.raises(ValueError, match="optim.clip_mode"):
         OptimSpec(clip_mode="x")
+
+
+def test_sqrt_scaling_rule():
+    spec = OptimSpec(blr=4e-3, lr_scaling="sqrt", lr_reference_batch=1024)
+    assert spec.peak_lr(256) == pytest.approx(2e-3)
+    assert "sqrt(256 / 1024)" in spec.lr_rule(256)

@@ -83,6 +83,14 @@ class Backbone(nn.Module):
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
 
+    def enable_mask_token(self) -> None:
+        """Create the learnable mask token (for methods that mask patches: iBOT, DINOv2, BEiT, EVA)."""
+        if not self.is_vit:
+            raise ValueError(f"backbone {self.name!r} has no patch tokens to mask; use a ViT (e.g. backbone=vit_small)")
+        if self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+            nn.init.normal_(self.mask_token, std=0.02)
+
     def _select_attention(self, device: torch.device) -> None:
         if self._attn_device == device.type:
             return

@@ -168,16 +168,31 @@ class MultiCropCollate:
     """Collate for multi-crop methods (DINO, iBOT, DINOv2): stack the uint8 images and augment the
     batch with a generator seeded by the batch seed.
 
-    Returns ``{"crops": list of float [B, C, s, s] (globals first), "label": int64 [B]}``.
+    Returns ``{"crops": list of float [B, C, s, s] (globals first), "label": int64 [B]}``, plus
+    ``"masks"``: one bool ``[B, N]`` patch mask per global crop when ``masking`` is given (masked
+    image modelling, iBOT / DINOv2). ``masking(batch_size=, grid_size=, generator=)`` draws them
+    (e.g. a partial of :func:`vfm.data.masking.sample_masks`); the grid is the global crop size
+    divided by ``patch_size``. Masks are drawn after the crops from the same per-batch generator,
+    so they are reproducible like the augmentation.
     """
 
-    def __init__(self, augment: MultiCropAugmentation) -> None:
-        self.augment = augment
+    def __init__(self, augment: MultiCropAugmentation, masking: Callable | None = None,
+                 patch_size: int | None = None) -> None:
+        if masking is not None and not patch_size:
+            raise ValueError("MultiCropCollate: masking needs the backbone's patch_size")
+        self.augment, self.masking, self.patch_size = augment, masking, patch_size
 
     def __call__(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
         images, labels, seed = _stack_samples(samples, "MultiCropCollate")
         generator = torch.Generator().manual_seed(seed)
-        return {"crops": self.augment(images, generator), "label": labels}
+        out: dict[str, Any] = {"crops": self.augment(images, generator), "label": labels}
+        if self.masking is not None:
+            grid = self.augment.global_crop_size // self.patch_size
+            out["masks"] = [
+                self.masking(batch_size=len(labels), grid_size=grid, generator=generator)
+                for _ in range(self.augment.n_global)
+            ]
+        return out
 
 
 def _worker_init(worker_id: int) -> None:

@@ -6,6 +6,7 @@ The base learning rate follows the linear scaling rule used by DINO and MAE:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,9 @@ class OptimSpec:
         clip_mode: "per_param" clips each parameter's gradient on its own (official DINO
             `clip_gradients`); "global" clips the norm of all gradients together (DINOv2, MAE).
         fused: use the fused AdamW kernel (None: on CUDA only).
+        lr_scaling: "linear" (`blr * batch / ref`, Goyal et al. 2017; DINO, MAE) or "sqrt"
+            (`blr * sqrt(batch / ref)`, DINOv2's `sqrt_wrt_1024`).
+        lr_reference_batch: ref above (256 for the linear rule, 1024 in DINOv2).
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class OptimSpec:
         clip_grad: float | None = 3.0,
         clip_mode: str = "per_param",
         fused: bool | None = None,
+        lr_scaling: str = "linear",
+        lr_reference_batch: int = 256,
     ) -> None:
         if name not in ("adamw", "sgd"):
             raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
@@ -56,16 +62,25 @@ class OptimSpec:
         self.weight_decay = weight_decay
         self.weight_decay_end = weight_decay if weight_decay_end is None else weight_decay_end
         self.betas, self.eps, self.momentum = tuple(betas), eps, momentum
+        if lr_scaling not in ("linear", "sqrt"):
+            raise ValueError(f"optim.lr_scaling must be 'linear' or 'sqrt', got {lr_scaling!r}")
         self.clip_grad, self.clip_mode, self.fused = clip_grad, clip_mode, fused
+        self.lr_scaling, self.lr_reference_batch = lr_scaling, lr_reference_batch
 
     def peak_lr(self, global_batch: int) -> float:
-        return float(self.lr) if self.lr is not None else self.blr * global_batch / 256
+        if self.lr is not None:
+            return float(self.lr)
+        ratio = global_batch / self.lr_reference_batch
+        return self.blr * (math.sqrt(ratio) if self.lr_scaling == "sqrt" else ratio)
 
     def lr_rule(self, global_batch: int) -> str:
         """Human-readable statement of the lr actually used (printed and saved with the run)."""
         if self.lr is not None:
             return f"lr = {self.lr:.3g} (absolute, optim.lr)"
-        return f"lr = blr * batch / 256 = {self.blr:.3g} * {global_batch} / 256 = {self.peak_lr(global_batch):.4g}"
+        ref, lr = self.lr_reference_batch, self.peak_lr(global_batch)
+        if self.lr_scaling == "sqrt":
+            return f"lr = blr * sqrt(batch / {ref}) = {self.blr:.3g} * sqrt({global_batch} / {ref}) = {lr:.4g}"
+        return f"lr = blr * batch / {ref} = {self.blr:.3g} * {global_batch} / {ref} = {lr:.4g}"
 
     def lr_schedule(self, global_batch: int) -> Cosine:
         return Cosine(self.peak_lr(global_batch), self.min_lr, warmup_epochs=self.warmup_epochs)

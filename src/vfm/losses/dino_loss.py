@@ -42,6 +42,11 @@ class DINOLoss(nn.Module):
         """student_out: n_crops tensors [B, K] (global crops first, in the teacher's order);
         teacher_out: n_global tensors [B, K]. Returns the scalar loss."""
         teacher_probs = [F.softmax((t.float() - self.center) / teacher_temp, dim=-1) for t in teacher_out]
+        return self.cross_entropy(student_out, teacher_probs)
+
+    def cross_entropy(self, student_out: list[torch.Tensor], teacher_probs: list[torch.Tensor]) -> torch.Tensor:
+        """The loss for given teacher probabilities (centered-softmax here, Sinkhorn-Knopp in DINOv2):
+        the mean over (teacher view t, student view s != t) pairs of the batch-mean cross-entropy."""
         student_logp = [F.log_softmax(s.float() / self.student_temp, dim=-1) for s in student_out]
         total, n_terms = student_out[0].new_zeros((), dtype=torch.float32), 0
         for it, p_t in enumerate(teacher_probs):

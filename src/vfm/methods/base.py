@@ -8,6 +8,7 @@ named in the method's config (`method.schedules`), precomputed by the engine.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -48,6 +49,18 @@ class Method(nn.Module):
             {"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"},
             {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "name": "no_decay"},
         ]
+
+
+def make_ema_teacher(student: nn.Module) -> nn.Module:
+    """An exact copy of `student` that gradients never reach, without stochastic depth (the
+    official DINO/iBOT/DINOv2 teachers are built with drop_path_rate=0)."""
+    teacher = copy.deepcopy(student)
+    for m in teacher.modules():
+        if hasattr(m, "drop_prob"):  # timm DropPath
+            m.drop_prob = 0.0
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
 
 @torch.no_grad()

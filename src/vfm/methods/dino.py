@@ -13,7 +13,6 @@ epoch in the paper).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from vfm.heads.dino_head import DINOHead
 from vfm.losses.dino_loss import DINOLoss
-from vfm.methods.base import Method, ema_update
+from vfm.methods.base import Method, ema_update, make_ema_teacher
 
 
 class MultiCropTower(nn.Module):
@@ -44,13 +43,6 @@ class MultiCropTower(nn.Module):
             outs.append(self.backbone(torch.cat(crops[i:j])))
             i = j
         return self.head(torch.cat(outs))
-
-
-def _disable_drop_path(module: nn.Module) -> None:
-    # The official teacher is built without stochastic depth; a copied student keeps its rate.
-    for m in module.modules():
-        if hasattr(m, "drop_prob"):
-            m.drop_prob = 0.0
 
 
 class DINO(Method):
@@ -86,10 +78,7 @@ class DINO(Method):
         embed_dim = int(backbone.embed_dim)
         self.student = MultiCropTower(backbone, DINOHead(embed_dim, out_dim, norm_last_layer=norm_last_layer, **head_kw))
         # The teacher starts as an exact copy of the student and is never trained by gradients.
-        self.teacher = copy.deepcopy(self.student)
-        _disable_drop_path(self.teacher)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = make_ema_teacher(self.student)
         self.loss_fn = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
         self.n_global_crops = n_global_crops
 

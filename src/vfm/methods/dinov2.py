@@ -1,0 +1,200 @@
+"""DINOv2: DINO [CLS] self-distillation + iBOT masked patch distillation + KoLeo.
+
+Oquab et al., "DINOv2: Learning Robust Visual Features without Supervision", TMLR 2024; official
+code facebookresearch/dinov2 (`train/ssl_meta_arch.py`, `loss/`, `configs/ssl_default_config.yaml`).
+
+    L = w_dino * L_dino + w_ibot * L_ibot + w_koleo * sum_{global views} KoLeo(student [CLS])
+
+- L_dino: DINO loss, teacher [CLS] of the global views vs student [CLS] of all other views;
+- L_ibot: cross-entropy on the masked patches only (gathered), each weighted 1 / #masked of its
+  image, averaged over images; [CLS] and patches have separate heads (`separate_heads`);
+- teacher probabilities: softmax with a momentum center (`centering="centering"`, DINOv2's
+  default config) or Sinkhorn-Knopp (`"sinkhorn_knopp"`, its large-model configs), both
+  synchronised across processes;
+- KoLeo on the student's backbone [CLS] features of each global view (weight 0.1).
+The backbone options of the paper (LayerScale, stochastic depth, register tokens) are timm keys:
+`+backbone.model_kwargs={init_values: 1e-5, reg_tokens: 4}`, `backbone.drop_path_rate`.
+Layer-wise lr decay and the patch-embedding lr multiplier are in `param_groups`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vfm.heads.dino_head import DINOHead
+from vfm.losses.dino_loss import DINOLoss
+from vfm.losses.ibot_loss import iBOTPatchLoss, masked_patch_cross_entropy
+from vfm.losses.koleo import KoLeoLoss
+from vfm.losses.sinkhorn_knopp import sinkhorn_knopp
+from vfm.methods.base import Method, ema_update, make_ema_teacher
+
+
+class DINOv2Tower(nn.Module):
+    def __init__(self, backbone: nn.Module, dino_head: nn.Module, ibot_head: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = dino_head
+        self.ibot_head = ibot_head  # None: shared with dino_head
+
+    def patch_head(self) -> nn.Module:
+        return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+
+class DINOv2(Method):
+    """DINOv2 method.
+
+    Args:
+        backbone: a ViT `vfm.backbones.Backbone`.
+        out_dim, patch_out_dim: prototypes of the [CLS] and patch heads.
+        separate_heads: a separate head for patch tokens (else shared).
+        hidden_dim, bottleneck_dim, head_layers, use_bn_in_head: DINO-style heads.
+        norm_last_layer: freeze the weight-norm gain of the heads' last layer at 1 (DINO). DINOv2's
+            heads fill the gain with 1 but leave it trainable, i.e. False.
+        student_temp, center_momentum: as DINO.
+        centering: "centering" (momentum center) or "sinkhorn_knopp".
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3).
+        dino_weight, ibot_weight, koleo_weight: loss weights (1, 1, 0.1).
+        layerwise_decay: lr multiplier decay per block from the top (0.9; 1 disables).
+        patch_embed_lr_mult: extra lr multiplier of the patch embedding (0.2).
+        n_global_crops: leading global crops (masked for the student, seen by the teacher).
+    """
+
+    needs_patch_tokens = True
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        out_dim: int = 65536,
+        patch_out_dim: int = 65536,
+        separate_heads: bool = True,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        head_layers: int = 3,
+        use_bn_in_head: bool = False,
+        norm_last_layer: bool = False,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "centering",
+        sinkhorn_iterations: int = 3,
+        dino_weight: float = 1.0,
+        ibot_weight: float = 1.0,
+        koleo_weight: float = 0.1,
+        layerwise_decay: float = 0.9,
+        patch_embed_lr_mult: float = 0.2,
+        n_global_crops: int = 2,
+    ) -> None:
+        super().__init__()
+        if centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(f"method.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
+        backbone.enable_mask_token()
+        embed_dim = int(backbone.embed_dim)
+
+        def make_head(k: int) -> DINOHead:
+            return DINOHead(embed_dim, k, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=head_layers,
+                            use_bn=use_bn_in_head, norm_last_layer=norm_last_layer)
+
+        self.student = DINOv2Tower(backbone, make_head(out_dim), make_head(patch_out_dim) if separate_heads else None)
+        self.teacher = make_ema_teacher(self.student)
+        patch_dim = patch_out_dim if separate_heads else out_dim
+        self.dino_loss = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.ibot_loss = iBOTPatchLoss(patch_dim, student_temp=student_temp, center_momentum=center_momentum)
+        self.koleo = KoLeoLoss()
+        self.centering, self.sinkhorn_iterations = centering, sinkhorn_iterations
+        self.student_temp = student_temp
+        self.dino_weight, self.ibot_weight, self.koleo_weight = dino_weight, ibot_weight, koleo_weight
+        self.layerwise_decay, self.patch_embed_lr_mult = layerwise_decay, patch_embed_lr_mult
+        self.n_global_crops = n_global_crops
+
+    @property
+    def encoder(self) -> nn.Module:  # type: ignore[override]
+        return self.teacher.backbone
+
+    @torch.no_grad()
+    def _teacher_probs(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor, temp: float, patch_temp: float):
+        if self.centering == "sinkhorn_knopp":
+            return (sinkhorn_knopp(cls_logits, temp, self.sinkhorn_iterations),
+                    sinkhorn_knopp(patch_logits, patch_temp, self.sinkhorn_iterations))
+        cls_p = F.softmax((cls_logits.float() - self.dino_loss.center) / temp, dim=-1)
+        patch_p = F.softmax((patch_logits.float() - self.ibot_loss.center.reshape(1, -1)) / patch_temp, dim=-1)
+        self.dino_loss.update_center(cls_logits)
+        self.ibot_loss.update_center(patch_logits.unsqueeze(0))
+        return cls_p, patch_p
+
+    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
+        crops: list[torch.Tensor] = batch["crops"]
+        if "masks" not in batch:
+            raise ValueError("DINOv2 needs patch masks in the batch: configure method.masking")
+        n_g = self.n_global_crops
+        globals_ = torch.cat(crops[:n_g])
+        masks = torch.cat(batch["masks"])  # [n_g * B, N]
+        n_images = masks.shape[0]
+        # each masked token weighs 1 / (#masked in its image): every image counts the same
+        weights = (1.0 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+
+        with torch.no_grad():
+            t = self.teacher.backbone.forward_tokens(globals_)
+            t_cls = self.teacher.dino_head(t["global"])
+            t_patch = self.teacher.patch_head()(t["patch"][masks])  # [M, K'] masked positions only
+            t_cls_p, t_patch_p = self._teacher_probs(
+                t_cls, t_patch, float(sched["teacher_temp"]), float(sched.get("teacher_patch_temp", sched["teacher_temp"]))
+            )
+
+        s = self.student.backbone.forward_tokens(globals_, mask=masks)
+        s_cls = self.student.dino_head(s["global"])
+        s_all = list(s_cls.chunk(n_g))
+        if len(crops) > n_g:
+            local = self.student.dino_head(self.student.backbone(torch.cat(crops[n_g:])))
+            s_all += list(local.chunk(len(crops) - n_g))
+        loss_dino = self.dino_loss.cross_entropy(s_all, list(t_cls_p.chunk(n_g)))
+        s_patch = self.student.patch_head()(s["patch"][masks])
+        loss_ibot = masked_patch_cross_entropy(s_patch, t_patch_p, weights, self.student_temp, n_images=n_images)
+        loss_koleo = sum(self.koleo(c) for c in s["global"].chunk(n_g))
+        loss = self.dino_weight * loss_dino + self.ibot_weight * loss_ibot + self.koleo_weight * loss_koleo
+        return {"loss": loss, "loss_dino": loss_dino.detach(), "loss_ibot": loss_ibot.detach(),
+                "loss_koleo": torch.as_tensor(loss_koleo).detach(), "teacher_entropy": self.dino_loss.last_teacher_entropy}
+
+    def before_optimizer_step(self, step: int, sched: Mapping[str, float]) -> None:
+        if sched.get("freeze_last_layer", 0.0) > 0:
+            heads = [self.student.dino_head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
+            for head in heads:
+                for p in head.last_layer_parameters():
+                    p.grad = None
+
+    def on_step_end(self, step: int, sched: Mapping[str, float]) -> None:
+        ema_update(self.teacher, self.student, float(sched["teacher_momentum"]))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """One group per (lr multiplier, weight-decay multiplier): layer-wise lr decay over the
+        backbone blocks (DINOv2 `get_vit_lr_decay_rate`), the patch-embedding multiplier, and no
+        weight decay on biases, norms and 1-D parameters."""
+        n_blocks = len(self.student.backbone.model.blocks) if hasattr(self.student.backbone, "model") else 0
+        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            layer = _layer_id(name, n_blocks)
+            lr_mult = self.layerwise_decay ** (n_blocks + 1 - layer)
+            if ".patch_embed." in name:
+                lr_mult *= self.patch_embed_lr_mult
+            wd_mult = 0.0 if name.endswith(".bias") or p.ndim <= 1 or "norm" in name else 1.0
+            groups.setdefault((lr_mult, wd_mult), []).append(p)
+        return [{"params": ps, "lr_mult": lr, "wd_mult": wd, "name": f"lr{lr:.3g}_wd{wd:g}"}
+                for (lr, wd), ps in sorted(groups.items())]
+
+
+def _layer_id(name: str, n_blocks: int) -> int:
+    """0 for embeddings and prefix tokens, i + 1 for block i, n_blocks + 1 for the rest (final
+    norm, heads), as DINOv2's layer-wise decay."""
+    if not name.startswith("backbone."):
+        return n_blocks + 1
+    if re.search(r"\.(patch_embed|cls_token|reg_token|pos_embed|mask_token)", name) or name.endswith("mask_token"):
+        return 0
+    m = re.search(r"\.blocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else n_blocks + 1
