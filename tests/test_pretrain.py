@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, compose_cfg
 from vfm import evaluate, pretrain
+from vfm.config import CONF_DIR
 from vfm.engine.trainer import NonFiniteLossError
 
 
@@ -24,6 +25,7 @@ def test_pretrain_run_writes_the_run_directory(tiny_cfg, tmp_path):
     for name in ["config.yaml", "metrics.json", "encoder.safetensors", "checkpoints/last.pt"]:
         assert (run / name).is_file(), name
     assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "viz").glob("*.png")) == ["attention_epoch0002.png", "pca_epoch0002.png"]
     for key in ["knn/top1", "linear/top1", "baseline/knn/top1", "baseline/linear/top1", "train/final_loss"]:
         assert key in metrics, key
     assert json.loads((run / "metrics.json").read_text())["metrics"]["knn/top1"] == metrics["knn/top1"]
@@ -33,9 +35,19 @@ def test_pretrain_run_writes_the_run_directory(tiny_cfg, tmp_path):
     assert "loss_fn.center" in state["model"]  # the DINO center is part of the state
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml")))
+def test_every_method_config_trains_end_to_end(method, tiny_cfg):
+    extra = ["method.masking.min_num_patches=1"] if method != "dino" else []
+    metrics = pretrain.run(tiny_cfg(f"method={method}", *extra, "trainer.max_epochs=1", "logger=none",
+                                    "eval.baseline=false", "evaluator=[knn]"))
+    assert metrics["train/steps"] == 8 and 0 <= metrics["knn/top1"] <= 100
+
+
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2"])
+def test_interrupted_then_resumed_equals_uninterrupted(method, tiny_cfg, tmp_path):
     # drop_path draws from the global RNG: the resumed run must restore it to match
-    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2")
+    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2",
+              f"method={method}", *(["method.masking.min_num_patches=1"] if method != "dino" else []))
     full = tiny_cfg(*common, run_dir=tmp_path / "full")
     pretrain.run(full)
     # stop mid-epoch (8 steps per epoch here), then run the same command again in the same directory
@@ -50,6 +62,19 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_cfg, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+
+
+def test_periodic_eval_and_accumulation(tiny_cfg, tmp_path):
+    # global batch 64 as 2 micro-batches of 32: same steps and the same lr rule as without accumulation
+    run = tmp_path / "acc"
+    cfg = tiny_cfg("trainer.accum_steps=2", "eval.every_n_epochs=1", "eval.baseline=false", "evaluator=[knn]",
+                   "logger=none", run_dir=run)
+    metrics = pretrain.run(cfg)
+    state = torch.load(run / "checkpoints/last.pt", weights_only=False)
+    assert metrics["train/steps"] == state["step"] == 16
+    assert "* 64 / 256" in state["lr_rule"]
+    # evaluated after epoch 1 during training; the last epoch's evaluation is the final one
+    assert "knn/top1" in state["history"][0] and "knn/top1" not in state["history"][1]
 
 
 def test_non_finite_loss_stops_with_step(tiny_cfg):
@@ -75,10 +100,13 @@ def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_torchrun(tmp_path):
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2"])
+def test_two_process_gloo_torchrun(method, tmp_path):
     run = tmp_path / "ddp"
+    extra = [f"method={method}"] + (["method.masking.min_num_patches=1", "method.centering=sinkhorn_knopp"]
+                                    if method == "dinov2" else ["method.masking.min_num_patches=1"] if method == "ibot" else [])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "vfm.pretrain", *TINY, "trainer.max_epochs=1", "eval.baseline=false", f"hydra.run.dir={run}"]
+           "-m", "vfm.pretrain", *TINY, *extra, "trainer.max_epochs=1", "eval.baseline=false", f"hydra.run.dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

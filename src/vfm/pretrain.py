@@ -103,6 +103,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     method = build_method(cfg)
     augment = instantiate(cfg.method.augment)
+    masking = instantiate(cfg.method.masking) if cfg.method.get("masking") is not None else None
+    collate = MultiCropCollate(augment, masking=masking, patch_size=getattr(method.encoder, "patch_size", None))
     schedules = {k: instantiate(v) for k, v in (cfg.method.get("schedules") or {}).items()}
     optim = instantiate(cfg.optim)
     trainer = instantiate(cfg.trainer)
@@ -114,12 +116,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision, progress=trainer.progress)
 
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
+        visualize(encoder, splits, run_dir, logger, epoch)
         return run_evaluators(encoder, splits, evaluators, **eval_kw)
 
     method_name = cfg.method._target_.rsplit(".", 1)[-1]
     log.info("pretraining %s on %s with %s -> %s", method_name, dataset_name(cfg), cfg.backbone.name, run_dir)
     result = trainer.fit(
-        method, splits.train, MultiCropCollate(augment), optim=optim, schedules=schedules, run_dir=run_dir,
+        method, splits.train, collate, optim=optim, schedules=schedules, run_dir=run_dir,
         logger=logger, evaluate_fn=evaluate_fn, eval_every_n_epochs=cfg.eval.every_n_epochs,
         extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "encoder_prefix": encoder_prefix(method)},
     )
@@ -128,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if rank == 0:
         encoder = method.encoder
         _export(method, run_dir, cfg)
+        visualize(encoder, splits, run_dir, logger, cfg.trainer.max_epochs)
         cache = run_dir / "features" if cfg.eval.cache_features else None
         metrics.update(run_evaluators(
             encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
@@ -156,6 +160,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("final evaluation (%s):\n%s", run_dir, table)
     vdist.barrier()
     return metrics
+
+
+def visualize(encoder: torch.nn.Module, splits: Any, run_dir: Path, logger: Any, epoch: int, n: int = 8) -> None:
+    """Attention maps and patch PCA of the first validation images: PNGs in <run>/viz and
+    TensorBoard images (ViT encoders only; a no-op for CNNs)."""
+    if not getattr(encoder, "has_patch_tokens", False):
+        return
+    from vfm.viz import render_figures, save_png
+
+    ds = splits.val if splits.val is not None else splits.train
+    images = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+    grids = render_figures(encoder, images, mean=splits.mean, std=splits.std)
+    for name, grid in grids.items():
+        save_png(grid, run_dir / "viz" / f"{name}_epoch{epoch:04d}.png")
+        logger.log_image(f"viz/{name}", grid, epoch)
 
 
 def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:
