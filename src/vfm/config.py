@@ -11,11 +11,12 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -29,8 +30,21 @@ METHOD_COMPONENT_KEYS = ("augment", "schedules", "masking")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 
+T = TypeVar("T")
+
+
 class ConfigError(ValueError):
     """A config problem, reported with the key and how to fix it."""
+
+
+def run_or_exit(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
+    """Call an entry point's `run(cfg)`; a ConfigError becomes one line on stderr and exit code 2
+    (a user error: the message says what to change, a traceback would bury it)."""
+    try:
+        return run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def register_resolvers() -> None:

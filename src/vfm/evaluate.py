@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vfm.config import CONF_DIR, ConfigError, register_resolvers, validate_evaluate
+from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, validate_evaluate
 from vfm.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from vfm.engine.trainer import select_device
 from vfm.evaluators.suite import run_evaluators
@@ -100,12 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        metrics = run(cfg)
-    except ConfigError as e:  # a user error: the message says what to change, a traceback would bury it
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    return metrics.get("knn/top1")
+    return run_or_exit(run, cfg).get("knn/top1")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,8 @@ from vfm import distributed as vdist
 from vfm.config import (
     CONF_DIR,
     METHOD_COMPONENT_KEYS,
-    ConfigError,
     register_resolvers,
+    run_or_exit,
     validate_pretrain,
 )
 from vfm.data.loader import MultiCropCollate
@@ -198,10 +197,7 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = run(cfg)
-    except ConfigError as e:  # a user error: the message says what to change, a traceback would bury it
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        metrics = run_or_exit(run, cfg)
     finally:
         vdist.destroy()
     # Hydra sweepers (e.g. Optuna) optimise the returned value: the headline metric.

@@ -13,7 +13,6 @@ each head's [CLS] attention over the patches; Caron et al. 2021, facebookresearc
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from vfm.config import CONF_DIR, ConfigError, register_resolvers, validate_evaluate
+from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, validate_evaluate
 from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.engine.trainer import select_device
 from vfm.evaluate import load_encoder
@@ -104,11 +103,7 @@ def run(cfg: DictConfig) -> dict[str, str]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="visualize")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as e:  # a user error: the message says what to change, a traceback would bury it
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run_or_exit(run, cfg)
 
 
 if __name__ == "__main__":

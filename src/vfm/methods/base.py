@@ -17,10 +17,14 @@ from torch import nn
 
 
 class Method(nn.Module):
-    #: the network evaluators use (the teacher's backbone for DINO-family methods)
-    encoder: nn.Module
     #: True for methods that consume patch tokens (iBOT, MAE, ...); validated before training
     needs_patch_tokens: bool = False
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The network evaluators use: the EMA teacher's backbone in self-distillation methods
+        (DINO, iBOT, DINOv2); methods without a teacher override it."""
+        return self.teacher.backbone
 
     def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """Return {"loss": scalar tensor, **values to log}."""

@@ -82,10 +82,6 @@ class DINO(Method):
         self.loss_fn = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
         self.n_global_crops = n_global_crops
 
-    @property
-    def encoder(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.backbone
-
     def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         crops: list[torch.Tensor] = batch["crops"]
         n_g = self.n_global_crops

@@ -112,10 +112,6 @@ class DINOv2(Method):
         self.layerwise_decay, self.patch_embed_lr_mult = layerwise_decay, patch_embed_lr_mult
         self.n_global_crops = n_global_crops
 
-    @property
-    def encoder(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.backbone
-
     @torch.no_grad()
     def _teacher_probs(self, cls_logits: torch.Tensor, patch_logits: torch.Tensor, temp: float, patch_temp: float):
         if self.centering == "sinkhorn_knopp":

@@ -66,10 +66,10 @@ class iBOT(Method):
         out_dim: [CLS] prototypes (8192 in the official ViT-S/B runs).
         patch_out_dim: patch prototypes when `shared_head` is false.
         shared_head: one head for [CLS] and patch tokens.
-        hidden_dim, bottleneck_dim, head_layers, use_bn_in_head, norm_last_layer: DINO-style head.
+        norm_last_layer, hidden_dim, bottleneck_dim, head_layers, use_bn_in_head: DINO-style head.
+        lambda_cls, lambda_patch: loss weights (1 and 1 in the paper).
         student_temp: tau_s for both losses.
         center_momentum: EMA momentum of both centers.
-        lambda_cls, lambda_patch: loss weights (1 and 1 in the paper).
         n_global_crops: how many leading crops are global (masked for the student, seen by the teacher).
     """
 
@@ -82,14 +82,14 @@ class iBOT(Method):
         out_dim: int = 8192,
         patch_out_dim: int = 8192,
         shared_head: bool = True,
+        norm_last_layer: bool = True,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         head_layers: int = 3,
         use_bn_in_head: bool = False,
-        norm_last_layer: bool = True,
+        lambda_cls: float = 1.0,
         student_temp: float = 0.1,
         center_momentum: float = 0.9,
-        lambda_cls: float = 1.0,
         lambda_patch: float = 1.0,
         n_global_crops: int = 2,
     ) -> None:
@@ -108,10 +108,6 @@ class iBOT(Method):
         self.patch_loss = iBOTPatchLoss(patch_dim, student_temp=student_temp, center_momentum=center_momentum)
         self.lambda_cls, self.lambda_patch = lambda_cls, lambda_patch
         self.n_global_crops = n_global_crops
-
-    @property
-    def encoder(self) -> nn.Module:  # type: ignore[override]
-        return self.teacher.backbone
 
     def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         crops: list[torch.Tensor] = batch["crops"]
