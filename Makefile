@@ -9,7 +9,7 @@ ARGS ?=
 CKPT ?= outputs/pretrain/default/checkpoints/last.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help install data pretrain evaluate test test-fast lint tensorboard clean
+.PHONY: help install data pretrain evaluate visualize test test-fast lint tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ pretrain: data ## pretrain DINO on Fashion-MNIST (the default run; ARGS=... for 
 
 evaluate: data ## evaluate a checkpoint (CKPT=..., ARGS=...)
 	$(BIN)/evaluate checkpoint=$(CKPT) $(ARGS)
+
+visualize: data ## attention maps and patch PCA of a checkpoint (CKPT=..., ARGS=...)
+	$(BIN)/visualize checkpoint=$(CKPT) $(ARGS)
 
 test: $(STAMP) ## run the test suite (CPU, synthetic data)
 	$(BIN)/pytest
