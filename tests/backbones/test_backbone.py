@@ -57,3 +57,12 @@ def test_resnet_has_no_patch_tokens():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown timm model"):
         Backbone("vit_does_not_exist")
+
+
+def test_register_tokens_and_layerscale_pass_through_to_timm():
+    b = Backbone("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, mask_token=True,
+                 model_kwargs={"depth": 2, "embed_dim": 32, "num_heads": 2, "reg_tokens": 4, "init_values": 1e-5})
+    assert b.num_prefix_tokens == 5  # [CLS] + 4 registers
+    out = b.forward_tokens(torch.randn(2, 1, 28, 28), mask=torch.ones(2, 16, dtype=torch.bool))
+    assert out["patch"].shape == (2, 16, 32) and out["prefix"].shape == (2, 5, 32)
+    assert any("ls1" in n for n, _ in b.named_parameters())
