@@ -20,14 +20,6 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "dataset"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: these tensors are tiny, and on a loaded 2-core machine every parallel
-    region of two OpenMP threads can wait a whole scheduler slice (observed: 50 ms -> 4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_idx(path: Path, array: np.ndarray, *, gz: bool = True, magic: bytes | None = None) -> Path:

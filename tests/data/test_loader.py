@@ -17,16 +17,6 @@ from vfm.data.loader import (
 from vfm.data.transforms import MultiCropAugmentation
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: tiny tensors, and two contending OpenMP threads on a loaded 2-core
-    machine can cost a scheduler slice per op."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def epoch(sampler: SeededBatchSampler, e: int, start_batch: int = 0) -> list[list[tuple[int, int]]]:
     sampler.set_epoch(e, start_batch)
     return list(sampler)

@@ -23,14 +23,6 @@ PLAIN = dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: these tensors are tiny, and on a loaded 2-core machine every parallel
-    region of two OpenMP threads can wait a whole scheduler slice (observed: 50 ms -> 4 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def images(b: int = 4, c: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:
