@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -37,6 +38,20 @@ def compose_cfg(overrides: list[str], run_dir: Path | None = None, config_name: 
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def _single_thread_for_data_tests(request):
+    """One intra-op thread for tests/data: their tensors are tiny, and on a loaded 2-core machine
+    every parallel region of two OpenMP threads can wait a whole scheduler slice (observed: 50 ms
+    -> 4 s). (A tests/data/conftest.py would shadow this module for `from conftest import ...`.)"""
+    if Path(str(request.path)).parent.name != "data":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture
