@@ -6,6 +6,7 @@ Methods hold only the math (`vfm.methods.base.Method`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
@@ -246,9 +247,10 @@ class Trainer:
                     with self._autocast(device):
                         out = model(batch, step, sched)
                     loss = out["loss"]
-                    if vdist.all_reduce_max_flag(not bool(torch.isfinite(loss.detach())), device):
+                    loss_value = float(loss.detach())  # one device sync per micro-step, reused below
+                    if vdist.all_reduce_max_flag(not math.isfinite(loss_value), device):
                         msg = (
-                            f"non-finite loss ({float(loss.detach())}) at step {step} (epoch {epoch + 1}) on at least "
+                            f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}) on at least "
                             f"one process; lower optim.blr, raise optim.warmup_epochs, or use trainer.precision=fp32/bf16"
                         )
                         raise NonFiniteLossError(msg)
@@ -256,7 +258,7 @@ class Trainer:
                 micro += 1
                 n_images += micro_bs * world
                 images_since_log += micro_bs * world
-                loss_sum += float(loss.detach())
+                loss_sum += loss_value
                 n_loss += 1
                 if not last_micro:
                     continue
@@ -277,7 +279,7 @@ class Trainer:
                     values.update({f"sched/{k}": v for k, v in sched.items()})
                     values.update({"train/grad_norm": float(grad_norm), "perf/images_per_s": ips})
                     logger.log_scalars(values, step)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{sched['lr']:.2e}", ips=f"{ips:.0f}")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}", ips=f"{ips:.0f}")
                 if self.ckpt_every_n_steps and step % self.ckpt_every_n_steps == 0:
                     checkpoint("last.pt")
                 if step >= last_step:
