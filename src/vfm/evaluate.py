@@ -23,8 +23,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vfm.backbones.loading import EncoderLoadError, load_pretrained_encoder
+from vfm.backbones.timm_backbone import exported_metadata
 from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, validate_evaluate
-from vfm.engine.checkpoint import CheckpointError, load_checkpoint, load_model_state
+from vfm.engine.checkpoint import CheckpointError
 from vfm.engine.trainer import select_device
 from vfm.evaluators.suite import run_evaluators
 
@@ -38,34 +40,19 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
         torch.manual_seed(seed)
         return instantiate(backbone_cfg), f"random-{seed}-{backbone_cfg.name}"
     path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint={checkpoint} does not exist; pass a last.pt, a .safetensors file or 'random'")
+    if not path.exists():
+        raise ConfigError(f"checkpoint={checkpoint} does not exist; pass a last.pt, a .safetensors file, a run directory or 'random'")
     key = f"{path.resolve()}-{path.stat().st_mtime_ns}"
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as f:
-            has_meta = "vfm_backbone" in (f.metadata() or {})
-        if has_meta:
-            from vfm.backbones import load_exported
-
-            return load_exported(path), key
-        backbone = instantiate(backbone_cfg)  # a foreign timm weight file: architecture from backbone=
-        try:
-            backbone.model.load_state_dict(load_file(str(path)), strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not match backbone.name={backbone_cfg.name}: {e}") from e
-        return backbone, key
-    state = load_checkpoint(path)
-    if "config" not in state or "encoder_prefix" not in state:
-        raise CheckpointError(f"{path} has no stored config/encoder_prefix; it was not written by `pretrain`")
-    bb_cfg = OmegaConf.create(state["config"]["backbone"])
-    backbone = instantiate(bb_cfg)
-    prefix = state["encoder_prefix"]
-    enc_state = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    load_model_state(backbone, enc_state, path)
-    return backbone, key
+    foreign = path.suffix == ".safetensors" and exported_metadata(path) is None
+    try:
+        if foreign:  # a timm weight file: the architecture comes from backbone=
+            bb = OmegaConf.to_container(backbone_cfg, resolve=True)
+            name, kwargs = bb.pop("name"), bb.pop("model_kwargs", None) or {}
+            kwargs.update({k: bb[k] for k in ("img_size", "patch_size", "in_chans") if bb.get(k) is not None})
+            return load_pretrained_encoder(path, model_name=name, model_kwargs=kwargs), key
+        return load_pretrained_encoder(path), key
+    except EncoderLoadError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

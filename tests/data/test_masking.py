@@ -3,7 +3,7 @@ from collections import deque
 import pytest
 import torch
 
-from vfm.data.masking import BlockMaskGenerator, sample_masks
+from vfm.data.masking import BlockMaskGenerator, random_masks, sample_masks
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -162,3 +162,33 @@ def test_bad_arguments():
         args = {"batch_size": 4, "grid_size": 4, "generator": g} | kwargs
         with pytest.raises(ValueError):
             sample_masks(**args)
+
+
+# ------------------------------------------------------------------ MAE's per-sample random masks
+
+
+@pytest.mark.parametrize("grid,ratio,masked", [(4, 0.75, 12), (7, 0.75, 37), (14, 0.75, 147), (7, 0.4, 20)])
+def test_random_masks_mask_exactly_n_minus_int_keep(grid, ratio, masked):
+    # MAE keeps len_keep = int(N * (1 - ratio)) patches per image: 196 -> 49 kept, 49 -> 12 kept
+    m = random_masks(16, grid, ratio=ratio, generator=torch.Generator().manual_seed(0))
+    assert m.shape == (16, grid * grid) and m.dtype == torch.bool
+    assert (m.sum(dim=1) == masked).all()
+
+
+def test_random_masks_are_independent_per_sample_and_uniform():
+    m = random_masks(4000, 4, ratio=0.75, generator=torch.Generator().manual_seed(0))
+    assert len({tuple(r.tolist()) for r in m[:100]}) > 90  # rows differ
+    freq = m.float().mean(dim=0)  # every position masked with probability 12/16
+    assert torch.allclose(freq, torch.full_like(freq, 0.75), atol=0.03)
+    # independence: P(i and j masked) = 12/16 * 11/15 for i != j (sampling without replacement per image)
+    joint = (m[:, 0] & m[:, 5]).float().mean().item()
+    assert abs(joint - 0.75 * 11 / 15) < 0.03
+
+
+def test_random_masks_are_a_function_of_the_generator():
+    a = random_masks(8, 7, generator=torch.Generator().manual_seed(3))
+    b = random_masks(8, 7, generator=torch.Generator().manual_seed(3))
+    c = random_masks(8, 7, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="mask ratio"):
+        random_masks(2, 4, ratio=1.0, generator=torch.Generator())

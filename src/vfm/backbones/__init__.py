@@ -1,3 +1,3 @@
-from vfm.backbones.timm_backbone import Backbone, load_exported
+from vfm.backbones.timm_backbone import Backbone, exported_metadata, load_exported, sincos_pos_embed_2d
 
-__all__ = ["Backbone", "load_exported"]
+__all__ = ["Backbone", "exported_metadata", "load_exported", "sincos_pos_embed_2d"]

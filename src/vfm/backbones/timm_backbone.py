@@ -5,6 +5,8 @@ A `Backbone` wraps any timm model created with `num_classes=0`:
   num_classes=0, ...)(x)` returns, so exported weights load back into timm and give the same output;
 - `forward_tokens(x, mask=None)` returns the global feature and the patch tokens, optionally with
   masked patch embeddings replaced by a learnable mask token (BEiT / iBOT / EVA);
+- `forward_visible(x, ids_keep)` encodes only the kept patches (MAE: the encoder never sees the
+  masked ones, which is where its speed comes from);
 - `embed_dim`, `patch_size`, `num_prefix_tokens` and `has_patch_tokens` describe it.
 CNNs (ResNets) have no patch tokens and can serve methods that need only a global feature.
 """
@@ -91,6 +93,20 @@ class Backbone(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
             nn.init.normal_(self.mask_token, std=0.02)
 
+    def use_fixed_sincos_pos_embed(self) -> None:
+        """Replace the learnt position embedding with MAE's fixed 2-D sin-cos one (zeros for prefix
+        tokens), excluded from training. Exported weights keep it as an ordinary tensor."""
+        m = self.model
+        if not self.is_vit or getattr(m, "pos_embed", None) is None:
+            raise ValueError(f"backbone {self.name!r} has no position embedding to replace")
+        gh, gw = m.patch_embed.grid_size
+        table = sincos_pos_embed_2d(self.embed_dim, gh, gw)
+        prefix = m.pos_embed.shape[1] - gh * gw  # timm stores [CLS] positions unless no_embed_class
+        with torch.no_grad():
+            m.pos_embed.zero_()
+            m.pos_embed[0, prefix:] = table.to(m.pos_embed.dtype)
+        m.pos_embed.requires_grad_(False)
+
     def _select_attention(self, device: torch.device) -> None:
         if self._attn_device == device.type:
             return
@@ -130,6 +146,23 @@ class Backbone(nn.Module):
             "prefix": t[:, : self.num_prefix_tokens],
         }
 
+    def forward_visible(self, x: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encode only the patches `ids_keep` [B, K] (row-major patch indices) of each image (MAE).
+
+        Position embeddings are added to all patches first, then the kept ones are gathered, so
+        every token carries its true position; the prefix tokens ([CLS], registers) always stay.
+        Returns {"tokens": [B, P + K, D] (prefix first, after the final norm), "global": [B, D]}.
+        """
+        if not self.is_vit:
+            raise ValueError(f"backbone {self.name!r} has no patch tokens; use a ViT (e.g. backbone=vit_small)")
+        self._select_attention(x.device)
+        m, p = self.model, self.num_prefix_tokens
+        t = m._pos_embed(m.patch_embed(x))  # [B, P + N, D]
+        idx = ids_keep.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+        t = torch.cat([t[:, :p], torch.gather(t[:, p:], 1, idx)], dim=1)
+        t = m.norm(m.blocks(m.norm_pre(t)))
+        return {"tokens": t, "global": m.forward_head(t, pre_logits=True)}
+
     def export(self, path: str | Path) -> Path:
         """Write the encoder weights as safetensors, loadable by `load_exported` or plain timm."""
         from safetensors.torch import save_file
@@ -144,16 +177,59 @@ class Backbone(nn.Module):
         return path
 
 
-def load_exported(path: str | Path) -> nn.Module:
-    """Rebuild the plain timm model stored by `Backbone.export` (no vfm classes involved)."""
+    @classmethod
+    def from_exported(cls, path: str | Path) -> Backbone:
+        """Rebuild a `Backbone` (with the token API) from a file written by `export`."""
+        from safetensors.torch import load_file
+
+        meta = exported_metadata(path)
+        if meta is None:
+            raise ValueError(f"{path} was not written by Backbone.export (no {_META_KEY} metadata)")
+        kwargs = dict(meta["kwargs"])
+        backbone = cls(meta["name"], in_chans=int(kwargs.pop("in_chans", 3)), model_kwargs=kwargs)
+        backbone.model.load_state_dict(load_file(str(path)), strict=True)
+        return backbone
+
+
+def exported_metadata(path: str | Path) -> dict[str, Any] | None:
+    """{"name", "kwargs"} stored by `Backbone.export`, or None for other safetensors files."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {})[_META_KEY])
+        raw = (f.metadata() or {}).get(_META_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """Rebuild the plain timm model stored by `Backbone.export` (no vfm classes involved)."""
+    from safetensors.torch import load_file
+
+    meta = exported_metadata(path)
+    if meta is None:
+        raise ValueError(f"{path} was not written by Backbone.export (no {_META_KEY} metadata)")
     model = timm.create_model(meta["name"], num_classes=0, **meta["kwargs"])
     model.load_state_dict(load_file(str(path)), strict=True)
     return model
+
+
+def sincos_pos_embed_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """[len(positions), dim]: sin(p * w_k) then cos(p * w_k), w_k = 10000^(-k / (dim / 2)) (Vaswani et al.)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even dimension, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+    out = positions.to(torch.float64).reshape(-1, 1) * omega.reshape(1, -1)
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos table [grid_h * grid_w, dim] in row-major patch order (He et al. 2022,
+    facebookresearch/mae `util/pos_embed.py`): the first half of the channels encodes the column
+    (x) coordinate and the second half the row (y), each with `sincos_pos_embed_1d`."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embedding needs a dimension divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
+    emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()), sincos_pos_embed_1d(dim // 2, rows.flatten())], dim=1)
+    return emb.float()
 
 
 def _is_vit(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""Blockwise patch masking for masked image modelling (BEiT, iBOT, DINOv2, EVA).
+"""Patch masking for masked image modelling: blockwise (BEiT, iBOT, DINOv2, EVA) and per-sample
+uniform random (MAE).
 
 Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022; official code:
 microsoft/unilm, `beit/masking_generator.py` (`MaskingGenerator`).
@@ -25,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["BlockMaskGenerator", "sample_masks"]
+__all__ = ["BlockMaskGenerator", "random_masks", "sample_masks"]
 
 # BEiT/iBOT/DINOv2 give up on a round after this many rejected blocks.
 _ATTEMPTS_PER_ROUND = 10
@@ -217,3 +218,30 @@ def sample_masks(
         ratio = edges[i] + (edges[i + 1] - edges[i]) * u
         masks[i] = mask_gen(min(n_patches, int(n_patches * ratio)), generator).flatten()
     return masks[torch.randperm(batch_size, generator=generator)]
+
+
+def random_masks(
+    batch_size: int,
+    grid_size: int | tuple[int, int],
+    *,
+    ratio: float = 0.75,
+    generator: torch.Generator,
+) -> Tensor:
+    """MAE's per-sample random masking (He et al. 2022, facebookresearch/mae `models_mae.py`,
+    `random_masking`): each image draws uniform noise per patch, keeps the
+    `int(N * (1 - ratio))` patches with the smallest noise and masks the rest, independently of
+    the other images. Every image therefore has the same number of masked patches, which lets the
+    encoder batch the visible tokens without padding.
+
+    Returns bool [B, H * W], True where the patch is masked (hidden from the encoder).
+    """
+    height, width = _as_grid(grid_size)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1) (at least one patch stays visible), got {ratio}")
+    n = height * width
+    n_keep = max(1, int(n * (1.0 - ratio)))
+    noise = torch.rand(batch_size, n, generator=generator)
+    ids_shuffle = torch.argsort(noise, dim=1)
+    masks = torch.ones(batch_size, n, dtype=torch.bool)
+    masks.scatter_(1, ids_shuffle[:, :n_keep], False)
+    return masks
