@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,6 +27,7 @@ from vfm import distributed as vdist
 from vfm.config import (
     CONF_DIR,
     METHOD_COMPONENT_KEYS,
+    ConfigError,
     register_resolvers,
     run_or_exit,
     validate_pretrain,
@@ -52,7 +54,15 @@ def build_method(cfg: DictConfig) -> torch.nn.Module:
     # resolve first: method keys may interpolate its components (n_global_crops: ${.augment.n_global})
     node = OmegaConf.to_container(cfg.method, resolve=True)
     method_cfg = {k: v for k, v in node.items() if k not in METHOD_COMPONENT_KEYS}  # type: ignore[union-attr]
-    return instantiate(method_cfg, backbone=backbone)
+    try:
+        return instantiate(method_cfg, backbone=backbone)
+    except InstantiationException as e:
+        # a method that rejects its inputs (a teacher/tokenizer file that is missing or whose patch
+        # grid does not match) says why in a ValueError: report it as a config error, not a traceback
+        cause = e.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError(f"method ({cfg.method._target_}): {cause}") from e
+        raise
 
 
 def build_random_encoder(cfg: DictConfig) -> torch.nn.Module:
@@ -115,7 +125,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision, progress=trainer.progress)
 
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
-        visualize(encoder, splits, run_dir, logger, epoch)
+        visualize(encoder, splits, run_dir, logger, epoch, method=method, masking=masking)
         return run_evaluators(encoder, splits, evaluators, **eval_kw)
 
     method_name = cfg.method._target_.rsplit(".", 1)[-1]
@@ -130,7 +140,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if rank == 0:
         encoder = method.encoder
         _export(method, run_dir, cfg)
-        visualize(encoder, splits, run_dir, logger, cfg.trainer.max_epochs)
+        visualize(encoder, splits, run_dir, logger, cfg.trainer.max_epochs, method=method, masking=masking)
+        if hasattr(method, "codebook_report"):  # tokenizers: codebook usage on the validation images
+            metrics.update(_codebook_report(method, splits))
         cache = run_dir / "features" if cfg.eval.cache_features else None
         metrics.update(run_evaluators(
             encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
@@ -161,9 +173,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def visualize(encoder: torch.nn.Module, splits: Any, run_dir: Path, logger: Any, epoch: int, n: int = 8) -> None:
-    """Attention maps and patch PCA of the first validation images: PNGs in <run>/viz and
-    TensorBoard images (ViT encoders only; a no-op for CNNs)."""
+def visualize(
+    encoder: torch.nn.Module, splits: Any, run_dir: Path, logger: Any, epoch: int, n: int = 8,
+    method: torch.nn.Module | None = None, masking: Any = None,
+) -> None:
+    """Attention maps and patch PCA of the first validation images, and reconstructions for
+    methods that reconstruct (MAE): PNGs in <run>/viz and TensorBoard images (ViT encoders only;
+    a no-op for CNNs)."""
     if not getattr(encoder, "has_patch_tokens", False):
         return
     from vfm.viz import render_figures, save_png
@@ -171,9 +187,38 @@ def visualize(encoder: torch.nn.Module, splits: Any, run_dir: Path, logger: Any,
     ds = splits.val if splits.val is not None else splits.train
     images = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
     grids = render_figures(encoder, images, mean=splits.mean, std=splits.std)
+    if method is not None and hasattr(method, "reconstruct") and masking is not None:
+        grids["reconstruction"] = _reconstructions(method, images, splits, masking)
     for name, grid in grids.items():
         save_png(grid, run_dir / "viz" / f"{name}_epoch{epoch:04d}.png")
         logger.log_image(f"viz/{name}", grid, epoch)
+
+
+def _codebook_report(method: torch.nn.Module, splits: Any, n: int = 5000) -> dict[str, float]:
+    from vfm.data.transforms import normalize
+
+    ds = splits.val if splits.val is not None else splits.train
+    images = normalize(torch.stack([ds[i][0] for i in range(min(n, len(ds)))]), splits.mean, splits.std)
+    report = method.codebook_report(images)
+    log.info("codebook on %d validation images: %s", len(images), ", ".join(f"{k}={v:.4g}" for k, v in report.items()))
+    return report
+
+
+def _reconstructions(method: torch.nn.Module, images: torch.Tensor, splits: Any, masking: Any) -> torch.Tensor:
+    from vfm.data.transforms import normalize
+    from vfm.viz.reconstruction import denormalize, reconstruction_grid
+
+    p = method.patch_size
+    device = next(method.parameters()).device
+    x = normalize(images, splits.mean, splits.std).to(device)
+    mask = masking(batch_size=len(x), grid_size=x.shape[-1] // p, generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = method.training
+    method.eval()
+    try:
+        rec = method.reconstruct(x, mask)
+    finally:
+        method.train(was_training)
+    return reconstruction_grid(denormalize(x, splits.mean, splits.std), denormalize(rec, splits.mean, splits.std), mask, p)
 
 
 def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:
@@ -181,6 +226,8 @@ def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:
     if hasattr(encoder, "export"):
         path = encoder.export(run_dir / "encoder.safetensors")
         log.info("exported encoder weights (timm %s) to %s", cfg.backbone.name, path)
+    for path in getattr(method, "export_artifacts", lambda _: [])(run_dir):  # e.g. a trained tokenizer
+        log.info("exported %s", path)
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""MAE: masked autoencoders.
+
+He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022; official code
+facebookresearch/mae (`models_mae.py`, `main_pretrain.py`).
+
+A high proportion of patches (75%) is masked per image, uniformly at random (drawn in the data
+pipeline by `vfm.data.masking.random_masks`); the encoder processes the **visible patches only**,
+so its cost falls roughly in proportion to the mask ratio; a light decoder receives the encoded
+visible tokens plus mask tokens and predicts the pixels of every patch; the loss is the mean squared
+error on the masked patches only, against per-patch normalised pixels (`norm_pix_loss`). Position
+embeddings of encoder and decoder are fixed 2-D sin-cos tables.
+
+Stages, named as in the official code: `random_masking` -> `forward_encoder` -> `forward_decoder`
+-> `forward_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vfm.data.patches import patchify, unpatchify
+from vfm.heads.mae_decoder import MAEDecoder
+from vfm.losses.mae_loss import MAELoss
+from vfm.methods.base import Method
+
+
+class MAE(Method):
+    """MAE method; the backbone (no teacher) is the encoder evaluators use.
+
+    Args:
+        backbone: a ViT `vfm.backbones.Backbone`.
+        decoder_dim, decoder_depth, decoder_heads, mlp_ratio: the decoder (512 / 8 / 16 / 4 in the paper).
+        norm_pix_loss: predict per-patch normalised pixels (the paper's default for its best results).
+        fixed_pos_embed: replace the encoder's learnt position embedding with fixed 2-D sin-cos.
+    """
+
+    needs_patch_tokens = True
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        *,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = True,
+        fixed_pos_embed: bool = True,
+    ) -> None:
+        super().__init__()
+        if fixed_pos_embed:
+            backbone.use_fixed_sincos_pos_embed()
+        self.backbone = backbone
+        self.patch_size = int(backbone.patch_size)
+        self.in_chans = int(backbone.model.patch_embed.proj.in_channels)
+        self.decoder = MAEDecoder(
+            backbone.embed_dim, self.patch_size**2 * self.in_chans, decoder_dim=decoder_dim, depth=decoder_depth,
+            num_heads=decoder_heads, mlp_ratio=mlp_ratio, num_prefix_tokens=backbone.num_prefix_tokens,
+        )
+        self.loss_fn = MAELoss(norm_pix_loss)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+    @staticmethod
+    def random_masking(mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Index bookkeeping of the per-sample mask [B, N] (True = masked, equal count per image):
+        ids_keep [B, K] (the visible patches, in patch order) and ids_restore [B, N] (undoes the
+        visible-then-masked shuffle)."""
+        counts = (~mask).sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError("MAE needs the same number of visible patches in every image (use random_masks)")
+        ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        return ids_shuffle[:, : int(counts[0])], ids_restore
+
+    def forward_encoder(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        ids_keep, ids_restore = self.random_masking(mask)
+        return self.backbone.forward_visible(images, ids_keep)["tokens"], ids_restore
+
+    def forward_decoder(self, latent: Tensor, ids_restore: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.decoder(latent, ids_restore, grid)
+
+    def forward_loss(self, images: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        return self.loss_fn(pred, patchify(images, self.patch_size), mask)
+
+    def predict(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Per-patch predictions [B, N, p*p*C] (in normalised-patch space when norm_pix_loss)."""
+        latent, ids_restore = self.forward_encoder(images, mask)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return self.forward_decoder(latent, ids_restore, grid)
+
+    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+        if "masks" not in batch:
+            raise ValueError("MAE needs per-image masks in the batch: configure method.masking (random_masks)")
+        images, mask = batch["crops"][0], batch["masks"][0]
+        pred = self.predict(images, mask)
+        loss = self.forward_loss(images, pred, mask)
+        return {"loss": loss, "mask_ratio": mask.float().mean()}
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Reconstructed images [B, C, H, W] in the input's (normalised) pixel space. With
+        norm_pix_loss the model predicts normalised patches; each is mapped back with the true
+        patch's mean and std (as in MAE's visualisations), so only the *structure* is predicted."""
+        pred = self.predict(images, mask).float()
+        target = patchify(images.float(), self.patch_size)
+        if self.loss_fn.norm_pix_loss:
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        return unpatchify(pred, self.patch_size, grid, self.in_chans)
