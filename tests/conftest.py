@@ -12,15 +12,10 @@ from omegaconf import DictConfig, open_dict
 from vfm.config import CONF_DIR, register_resolvers
 
 # A run that takes a few seconds on 2 CPU cores: synthetic data, a 2-block ViT, a small head.
-TINY = [
+TINY_BASE = [
     "dataset=synthetic",
     "backbone.patch_size=7",
     "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
-    "method.out_dim=64",
-    "method.hidden_dim=64",
-    "method.bottleneck_dim=32",
-    "method.augment.local_crop_size=14",
-    "method.augment.n_local=2",
     "trainer.max_epochs=2",
     "trainer.batch_size=64",
     "trainer.progress=false",
@@ -28,6 +23,45 @@ TINY = [
     "optim.warmup_epochs=0.5",
     "eval.batch_size=256",
 ]
+# the DINO family's heads and crops, small
+TINY = TINY_BASE[:3] + [
+    "method.out_dim=64",
+    "method.hidden_dim=64",
+    "method.bottleneck_dim=32",
+    "method.augment.local_crop_size=14",
+    "method.augment.n_local=2",
+] + TINY_BASE[3:]
+TINY_DECODER = ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
+
+
+def tiny_method_overrides(method: str, artifacts: dict[str, Path]) -> list[str]:
+    """TINY_BASE plus the method's own small settings (and the teacher/tokenizer files it needs)."""
+    if method in ("dino", "ibot", "dinov2"):
+        return TINY + [f"method={method}"] + (["method.masking.min_num_patches=1"] if method != "dino" else [])
+    extra = {
+        "mae": TINY_DECODER,
+        "vq_tokenizer": TINY_DECODER + ["method.num_codes=16", "method.code_dim=8"],
+        "vqkd": TINY_DECODER + ["method.num_codes=16", "method.code_dim=8", f"method.teacher={artifacts['teacher']}"],
+        "beit": [f"method.tokenizer={artifacts['tokenizer']}", "method.masking.min_num_patches=1"],
+        "eva": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
+        "eva02": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
+    }[method]
+    return TINY_BASE + [f"method={method}"] + extra
+
+
+@pytest.fixture(scope="session")
+def mim_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """A tiny exported encoder (the EVA / VQ-KD teacher) and a tiny tokenizer.pt (for BEiT), both
+    with the TINY backbone's 7 px patches on 28 px, 1-channel images."""
+    from vfm.backbones import Backbone
+    from vfm.heads.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("mim")
+    torch.manual_seed(0)
+    kw = dict(img_size=28, patch_size=7, in_chans=1, model_kwargs=dict(depth=1, embed_dim=24, num_heads=2))
+    teacher = Backbone("vit_tiny_patch16_224", **kw).export(root / "teacher.safetensors")
+    tokenizer = Tokenizer(Backbone("vit_tiny_patch16_224", **kw), num_codes=16, code_dim=8, kmeans_init=False)
+    return {"teacher": teacher, "tokenizer": tokenizer.save(root / "tokenizer.pt")}
 
 
 def compose_cfg(overrides: list[str], run_dir: Path | None = None, config_name: str = "pretrain") -> DictConfig:
@@ -52,6 +86,14 @@ def _single_thread_for_data_tests(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_method_cfg(tmp_path, mim_artifacts):
+    def make(method: str, *extra: str, run_dir: Path | None = None) -> DictConfig:
+        return compose_cfg(tiny_method_overrides(method, mim_artifacts) + list(extra), run_dir or tmp_path / "run")
+
+    return make
 
 
 @pytest.fixture

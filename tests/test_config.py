@@ -14,7 +14,9 @@ from vfm.methods.dino import DINO
 
 GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "experiment"]
 NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
-               ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root"}
+               ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root",
+               ("method", "beit"): "method.tokenizer", ("method", "vqkd"): "method.teacher",
+               ("method", "eva"): "method.teacher", ("method", "eva02"): "method.teacher"}
 
 
 def _options(group: str) -> list[str]:
@@ -38,12 +40,15 @@ def test_each_group_option_composes_and_validates(group, option, tmp_path):
 
 @pytest.mark.parametrize("recipe", _options("recipe"))
 def test_each_recipe_composes_with_its_dataset(recipe, tmp_path):
-    kind, dataset = recipe.split("_", 1)
+    kind = max((m for m in ["eval", *_options("method")] if recipe.startswith(m + "_")), key=len)
+    dataset = recipe[len(kind) + 1:]
     if kind == "eval":
         cfg = compose_cfg([f"dataset={dataset}", "checkpoint=random"], tmp_path, "evaluate")
         assert cfg.backbone.patch_size and cfg.dataset.img_size % cfg.backbone.patch_size == 0
     else:
-        cfg = compose_cfg([f"method={kind}", f"dataset={dataset}"], tmp_path)
+        files = {"beit": ["method.tokenizer=."], "vqkd": ["method.teacher=."], "eva": ["method.teacher=."],
+                 "eva02": ["method.teacher=."]}.get(kind, [])  # existing paths; the files are read later
+        cfg = compose_cfg([f"method={kind}", f"dataset={dataset}", *files], tmp_path)
         validate_pretrain(cfg)
 
 

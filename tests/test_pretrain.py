@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, compose_cfg
+from conftest import compose_cfg, tiny_method_overrides
 from vfm import evaluate, pretrain
 from vfm.config import CONF_DIR
 from vfm.engine.trainer import NonFiniteLossError
@@ -35,26 +35,33 @@ def test_pretrain_run_writes_the_run_directory(tiny_cfg, tmp_path):
     assert "loss_fn.center" in state["model"]  # the DINO center is part of the state
 
 
-@pytest.mark.parametrize("method", sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml")))
-def test_every_method_config_trains_end_to_end(method, tiny_cfg):
-    extra = ["method.masking.min_num_patches=1"] if method != "dino" else []
-    metrics = pretrain.run(tiny_cfg(f"method={method}", *extra, "trainer.max_epochs=1", "logger=none",
-                                    "eval.baseline=false", "evaluator=[knn]"))
+METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_trains_end_to_end(method, tiny_method_cfg):
+    cfg = tiny_method_cfg(method, "trainer.max_epochs=1", "eval.baseline=false", "evaluator=[knn]")
+    metrics = pretrain.run(cfg)
     assert metrics["train/steps"] == 8 and 0 <= metrics["knn/top1"] <= 100
+    run = Path(cfg.paths.output_dir)
+    if method == "mae":  # reconstructions next to the attention maps
+        assert (run / "viz" / "reconstruction_epoch0001.png").is_file()
+    if method in ("vq_tokenizer", "vqkd"):  # the tokenizer file BEiT reads, and its codebook usage
+        assert (run / "tokenizer.pt").is_file()
+        assert 0 < metrics["tokenizer/code_usage"] <= 1 and 1 <= metrics["tokenizer/perplexity"] <= 16
 
 
-@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2"])
-def test_interrupted_then_resumed_equals_uninterrupted(method, tiny_cfg, tmp_path):
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva"])
+def test_interrupted_then_resumed_equals_uninterrupted(method, tiny_method_cfg, tmp_path):
     # drop_path draws from the global RNG: the resumed run must restore it to match
-    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2",
-              f"method={method}", *(["method.masking.min_num_patches=1"] if method != "dino" else []))
-    full = tiny_cfg(*common, run_dir=tmp_path / "full")
+    common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2")
+    full = tiny_method_cfg(method, *common, run_dir=tmp_path / "full")
     pretrain.run(full)
     # stop mid-epoch (8 steps per epoch here), then run the same command again in the same directory
-    part = tiny_cfg(*common, "trainer.max_steps=5", run_dir=tmp_path / "part")
+    part = tiny_method_cfg(method, *common, "trainer.max_steps=5", run_dir=tmp_path / "part")
     pretrain.run(part)
     assert torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=False)["step"] == 5
-    pretrain.run(tiny_cfg(*common, run_dir=tmp_path / "part"))
+    pretrain.run(tiny_method_cfg(method, *common, run_dir=tmp_path / "part"))
     a = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=False)
     b = torch.load(tmp_path / "part/checkpoints/last.pt", weights_only=False)
     assert a["step"] == b["step"] == 16
@@ -100,13 +107,13 @@ def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2"])
-def test_two_process_gloo_torchrun(method, tmp_path):
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva"])
+def test_two_process_gloo_torchrun(method, tmp_path, mim_artifacts):
     run = tmp_path / "ddp"
-    extra = [f"method={method}"] + (["method.masking.min_num_patches=1", "method.centering=sinkhorn_knopp"]
-                                    if method == "dinov2" else ["method.masking.min_num_patches=1"] if method == "ibot" else [])
+    extra = ["method.centering=sinkhorn_knopp"] if method == "dinov2" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "vfm.pretrain", *TINY, *extra, "trainer.max_epochs=1", "eval.baseline=false", f"hydra.run.dir={run}"]
+           "-m", "vfm.pretrain", *tiny_method_overrides(method, mim_artifacts), *extra, "trainer.max_epochs=1",
+           "eval.baseline=false", f"hydra.run.dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

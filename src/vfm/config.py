@@ -233,6 +233,13 @@ def _cross_checks(cfg: DictConfig, world_size: int) -> None:
             f"method.augment.local_crop_size={aug.local_crop_size} exceeds global_crop_size={aug.global_crop_size} "
             f"(dataset.img_size={img}); set method.augment.local_crop_size smaller, e.g. {max(1, img * 3 // 7)}"
         )
+    for key in ("teacher", "tokenizer"):  # files a method loads: fail before anything is built
+        value = cfg.method.get(key)
+        if isinstance(value, str) and value and not Path(value).exists():
+            raise ConfigError(
+                f"method.{key}={value} does not exist; pass a pretrain run directory (or its "
+                f"{'tokenizer.pt' if key == 'tokenizer' else 'encoder.safetensors / checkpoints/last.pt'})"
+            )
     if tr.precision == "fp16" and tr.device == "cpu":
         raise ConfigError("trainer.precision=fp16 needs a GPU; on the CPU use trainer.precision=bf16 or fp32")
     if cfg.get("evaluator") and ds.num_classes == 0:

@@ -1,0 +1,73 @@
+"""BEiT: masked image modelling with discrete visual tokens.
+
+Bao et al., "BEiT: BERT Pre-Training of Image Transformers", ICLR 2022 (microsoft/unilm `beit/`);
+Peng et al., "BEiT v2", 2022 (`beit2/`, the VQ-KD tokenizer).
+
+A frozen tokenizer maps each patch of the (unmasked) image to a code; the student ViT sees the same
+image with ~40% of its patches, chosen in blocks (`BlockMaskGenerator`), replaced by a learnable
+mask token, and a linear head on its output tokens predicts the code of every masked patch
+(cross-entropy). The tokenizer is any `load_tokenizer` source: a `tokenizer.pt` trained by
+`pretrain method=vq_tokenizer` (pixels) or `method=vqkd` (a teacher's features), or a pickled
+DALL-E dVAE encoder. Its code grid must equal the student's patch grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vfm.heads.tokenizer import load_tokenizer
+from vfm.losses.mim_losses import masked_token_cross_entropy
+from vfm.methods.base import Method
+
+
+class BEiT(Method):
+    """Args:
+        backbone: a ViT `Backbone` (given a mask token here).
+        tokenizer: path of the tokenizer (a run directory, `tokenizer.pt`, or a DALL-E `.pkl`).
+        mean, std: the data normalisation (a pickled DALL-E encoder takes raw pixels).
+    """
+
+    needs_patch_tokens = True
+
+    def __init__(self, backbone: nn.Module, *, tokenizer: str, mean: list[float] | None = None,
+                 std: list[float] | None = None) -> None:
+        super().__init__()
+        backbone.enable_mask_token()
+        self.backbone = backbone
+        self.patch_size = int(backbone.patch_size)
+        self.tokenizer = load_tokenizer(tokenizer, mean=mean, std=std, patch_size=self.patch_size)
+        tok_patch = getattr(self.tokenizer, "patch_size", self.patch_size)
+        if tok_patch != self.patch_size:
+            raise ValueError(f"tokenizer {tokenizer} has {tok_patch} px patches but the student has {self.patch_size}: "
+                             f"the code grid must equal the patch grid; set backbone.patch_size={tok_patch}")
+        self.head = nn.Linear(backbone.embed_dim, int(self.tokenizer.num_codes))
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+    def train(self, mode: bool = True) -> BEiT:
+        super().train(mode)
+        self.tokenizer.eval()  # frozen
+        return self
+
+    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+        if "masks" not in batch:
+            raise ValueError("BEiT needs patch masks in the batch: configure method.masking")
+        images, mask = batch["crops"][0], batch["masks"][0]
+        with torch.no_grad():
+            codes = self.tokenizer(images)
+        if codes.shape != mask.shape:
+            raise ValueError(f"the tokenizer gives a code grid of {codes.shape[1]} tokens but the student has "
+                             f"{mask.shape[1]} patches; use a tokenizer trained at this resolution and patch size")
+        tokens = self.backbone.forward_tokens(images, mask=mask)["patch"]
+        logits = self.head(tokens[mask])  # only the masked positions are predicted
+        loss = masked_token_cross_entropy(logits, codes, mask)
+        acc = (logits.argmax(-1) == codes[mask]).float().mean()
+        return {"loss": loss, "mim_acc": acc.detach(), "mask_ratio": mask.float().mean()}
