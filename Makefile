@@ -9,7 +9,7 @@ ARGS ?=
 CKPT ?= outputs/pretrain/default/checkpoints/last.pt
 
 .DEFAULT_GOAL := help
-.PHONY: help install data pretrain evaluate visualize test test-fast lint tensorboard clean
+.PHONY: help install data pretrain evaluate visualize test test-fast lint bench tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ test: $(STAMP) ## run the test suite (CPU, synthetic data)
 
 test-fast: $(STAMP) ## the tests without the slow (multi-process) ones
 	$(BIN)/pytest -m "not slow"
+
+bench: $(STAMP) ## benchmarks on synthetic data (MAE encoder cost vs mask ratio, ...)
+	$(BIN)/python scripts/bench.py
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check src tests scripts
