@@ -103,3 +103,15 @@ def test_cli_fails_fast_before_reading_data(tmp_path):
     assert proc.returncode != 0
     assert "trainer.max_epochs='abc' has the wrong type" in proc.stderr + proc.stdout
     assert "not found" not in (proc.stderr + proc.stdout).lower()
+
+
+def test_run_directory_names_can_be_passed_back_as_overrides():
+    # run dirs name the overrides; "=" or "," inside a value would be parsed by Hydra as syntax
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    sep = OmegaConf.load(Path(CONF_DIR) / "hydra" / "default.yaml").job.config.override_dirname
+    name = sep.item_sep.join(f"{k}{sep.kv_sep}{v}" for k, v in [("method", "beit"), ("method.tokenizer", "outputs_x"),
+                                                                  ("optim.blr", "0.001")])
+    parsed = OverridesParser.create().parse_override(f"method.teacher=outputs/pretrain/{name}")
+    assert parsed.value() == f"outputs/pretrain/{name}"
