@@ -6,9 +6,10 @@ worker built before. So:
 
 * :class:`SeededBatchSampler` shards and batches indices like ``DistributedSampler`` and tags
   every index of a batch with one seed derived from ``(seed, epoch, batch_index, rank)``;
-* :class:`SeededDataset` passes that seed through next to ``(image, label)``;
-* the collate function (e.g. :class:`MultiCropCollate`) stacks the uint8 images and runs the
-  batched augmentation with ``torch.Generator().manual_seed(batch_seed)``.
+* :class:`SeededDataset` passes that seed through next to ``(image, label)`` (or any item tuple,
+  e.g. ``(image, caption, label)`` of :mod:`vfm.data.image_text`);
+* the collate function (e.g. :class:`MultiCropCollate`, :class:`ImageTextCollate`) stacks the
+  uint8 images and runs the batched augmentation with ``torch.Generator().manual_seed(batch_seed)``.
 
 The result: the same batch gets the same crops with ``num_workers`` 0 or 8, and resuming at
 ``(epoch, start_batch)`` replays exactly the batches an uninterrupted run would have seen.
@@ -29,7 +30,9 @@ from vfm.data.datasets import TensorImageDataset
 from vfm.data.transforms import MultiCropAugmentation
 
 __all__ = [
+    "ImageTextCollate",
     "MultiCropCollate",
+    "SupervisedCollate",
     "SeededBatchSampler",
     "SeededDataset",
     "batch_seed",
@@ -133,7 +136,8 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset of ``(image, label)``; ``__getitem__((idx, seed)) -> (image, label, seed)``."""
+    """Wraps a dataset of tuples; ``__getitem__((idx, seed)) -> (*item, seed)``: ``(image, label,
+    seed)`` for a labelled image dataset, ``(image, caption, label, seed)`` for an image–text one."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -141,27 +145,40 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
         idx, seed = key
-        image, label = self.dataset[idx]
-        return image, label, seed
+        item = self.dataset[idx]
+        if not isinstance(item, (tuple, list)):
+            raise TypeError(
+                f"SeededDataset: {type(self.dataset).__name__}[{idx}] returned {type(item).__name__}; "
+                "datasets must yield tuples such as (image, label) or (image, caption, label)"
+            )
+        return (*item, seed)
+
+
+def _batch_seed_of(samples: Sequence[tuple[Any, ...]], who: str, fields: str) -> int:
+    """The seed shared by all samples of a batch (``fields`` names the expected tuple, seed last)."""
+    arity = fields.count(",") + 1
+    if not samples or any(len(s) != arity for s in samples):
+        got = len(samples[0]) if samples else 0
+        raise ValueError(
+            f"{who} expects {fields} samples from SeededDataset + SeededBatchSampler, got {got}-tuples "
+            "(use vfm.data.loader.build_train_loader on a dataset of the matching kind)"
+        )
+    seed = samples[0][-1]
+    if any(s[-1] != seed for s in samples):
+        raise ValueError(
+            f"{who}: the samples of one batch carry different seeds; batches must come from SeededBatchSampler"
+        )
+    return int(seed)
 
 
 def _stack_samples(samples: Sequence[tuple[Any, ...]], who: str) -> tuple[Tensor, Tensor, int]:
     """uint8 images ``[B,C,H,W]``, int64 labels ``[B]`` and the batch seed of seeded samples."""
-    if not samples or len(samples[0]) != 3:
-        raise ValueError(
-            f"{who} expects (image, label, seed) samples from SeededDataset + SeededBatchSampler "
-            "(use vfm.data.loader.build_train_loader)"
-        )
-    seed = samples[0][2]
-    if any(s[2] != seed for s in samples):
-        raise ValueError(
-            f"{who}: the samples of one batch carry different seeds; batches must come from SeededBatchSampler"
-        )
+    seed = _batch_seed_of(samples, who, "(image, label, seed)")
     images = torch.stack([s[0] for s in samples])
     labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.int64)
-    return images, labels, int(seed)
+    return images, labels, seed
 
 
 class MultiCropCollate:
@@ -195,6 +212,111 @@ class MultiCropCollate:
         return out
 
 
+class SupervisedCollate:
+    """Collate for supervised pretraining (DeiT recipe): per-image RandAugment (timm, on PIL images),
+    the batched crop/flip/normalise of `augment`, then Mixup/CutMix with label smoothing (timm `Mixup`).
+
+    timm draws from Python's `random` and NumPy's global generators; both are seeded from the batch
+    seed inside a saved-and-restored state, so the batch is reproducible and independent of
+    `num_workers`, and the training process's own random streams are untouched.
+    Returns ``{"crops": [float [B, C, s, s]], "label": int64 [B], "target": float [B, K]}``.
+    """
+
+    def __init__(self, augment: MultiCropAugmentation, *, num_classes: int, label_smoothing: float = 0.1,
+                 mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
+                 randaugment: str | None = "rand-m9-mstd0.5-inc1-mmax9") -> None:
+        from timm.data import Mixup, rand_augment_transform
+
+        self.augment, self.num_classes, self.label_smoothing = augment, num_classes, label_smoothing
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
+                               label_smoothing=label_smoothing, num_classes=num_classes)
+        self.randaugment = None
+        if randaugment:
+            # img_mean: the fill colour of geometric ops (timm passes the dataset mean as 0-255 ints)
+            fill = tuple(int(round(255 * m)) for m in augment.mean)
+            self.randaugment = rand_augment_transform(randaugment, {"translate_const": 0.45, "img_mean": fill})
+
+    def __call__(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
+        import random
+
+        from PIL import Image
+
+        images, labels, seed = _stack_samples(samples, "SupervisedCollate")
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            if self.randaugment is not None:
+                out = []
+                for img in images:
+                    arr = img.permute(1, 2, 0).numpy()
+                    pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+                    res = np.asarray(self.randaugment(pil))
+                    out.append(torch.from_numpy(res.copy()).reshape(arr.shape).permute(2, 0, 1))
+                images = torch.stack(out)
+            crops = self.augment(images, torch.Generator().manual_seed(seed))
+            if self.mixup is not None:
+                if len(labels) % 2:
+                    raise ValueError(f"Mixup needs an even per-process batch size, got {len(labels)}")
+                x, target = self.mixup(crops[0], labels)
+                crops = [x]
+            else:
+                target = torch.full((len(labels), self.num_classes), self.label_smoothing / self.num_classes)
+                target.scatter_(1, labels[:, None], 1.0 - self.label_smoothing + self.label_smoothing / self.num_classes)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return {"crops": crops, "label": labels, "target": target}
+
+
+class ImageTextCollate:
+    """Collate for image–text methods (CLIP): stack the uint8 images, augment the batch with a
+    generator seeded by the batch seed, and tokenize the captions.
+
+    Samples are ``(image, caption, label, seed)`` (an image–text dataset of
+    :mod:`vfm.data.image_text` behind :func:`build_train_loader`). ``augment`` is usually a
+    :class:`~vfm.data.transforms.MultiCropAugmentation` with ``n_global=1, n_local=0`` (CLIP's
+    single random resized crop); its list of crops is kept as is. ``tokenizer`` is any callable
+    ``list[str] -> Tensor`` (token ids ``[B, L]``) or ``-> dict`` of tensors (ids, attention mask);
+    it runs here, in the loader workers, so tokenization overlaps training.
+
+    Returns ``{"crops": list of float [B, C, s, s], "text": tokenizer(captions), "captions":
+    list[str], "label": int64 [B]}`` (label -1 where unknown).
+    """
+
+    def __init__(
+        self,
+        augment: Callable[[Tensor, torch.Generator], list[Tensor]],
+        tokenizer: Callable[[list[str]], Tensor | dict[str, Tensor]],
+    ) -> None:
+        if not callable(augment) or not callable(tokenizer):
+            raise TypeError("ImageTextCollate: augment and tokenizer must both be callables")
+        self.augment, self.tokenizer = augment, tokenizer
+
+    def __call__(self, samples: Sequence[tuple[Tensor, str, int, int]]) -> dict[str, Any]:
+        seed = _batch_seed_of(samples, "ImageTextCollate", "(image, caption, label, seed)")
+        captions = [s[1] for s in samples]
+        if not all(isinstance(c, str) for c in captions):
+            kinds = sorted({type(c).__name__ for c in captions})
+            raise TypeError(
+                f"ImageTextCollate: captions must be str, got {kinds}; is the training set an image–text dataset "
+                "(vfm.data.image_text, e.g. dataset=fashion_mnist_captions)?"
+            )
+        images = torch.stack([s[0] for s in samples])
+        labels = torch.tensor([int(s[2]) for s in samples], dtype=torch.int64)
+        generator = torch.Generator().manual_seed(seed)
+        text = self.tokenizer(captions)
+        if not isinstance(text, Tensor) and not (
+            isinstance(text, dict) and all(isinstance(v, Tensor) for v in text.values())
+        ):
+            raise TypeError(
+                f"ImageTextCollate: the tokenizer must return a Tensor or a dict of Tensors, got {type(text).__name__}"
+            )
+        return {"crops": self.augment(images, generator), "text": text, "captions": captions, "label": labels}
+
+
 def _worker_init(worker_id: int) -> None:
     # Each worker would otherwise start as many intra-op threads as there are cores, and
     # N workers x N threads oversubscribes small machines. Randomness needs no seeding here:
@@ -217,7 +339,8 @@ def build_train_loader(
     """A training loader over ``dataset`` with per-batch seeds; returns ``(loader, sampler)``.
 
     ``batch_size`` is per rank. Call ``sampler.set_epoch(epoch, start_batch)`` before iterating
-    each epoch. ``collate_fn`` receives ``[(image, label, batch_seed), ...]``.
+    each epoch. ``collate_fn`` receives ``[(*item, batch_seed), ...]``: ``(image, label, seed)``
+    for an image dataset, ``(image, caption, label, seed)`` for an image–text one.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if drop_last and n < batch_size * world_size:
