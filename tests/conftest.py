@@ -45,8 +45,12 @@ def tiny_method_overrides(method: str, artifacts: dict[str, Path]) -> list[str]:
         "beit": [f"method.tokenizer={artifacts['tokenizer']}", "method.masking.min_num_patches=1"],
         "eva": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
         "eva02": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
+        "supervised": [],
+        "clip": ["method.embed_dim=32", "method.text_tower.width=32", "method.text_tower.layers=1",
+                 "method.text_tower.heads=2", "method.text_tower.context_length=32"],
     }[method]
-    return TINY_BASE + [f"method={method}"] + extra
+    base = [("dataset=synthetic_captions" if o == "dataset=synthetic" and method == "clip" else o) for o in TINY_BASE]
+    return base + [f"method={method}"] + extra
 
 
 @pytest.fixture(scope="session")

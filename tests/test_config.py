@@ -15,7 +15,8 @@ from vfm.methods.dino import DINO
 GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "experiment"]
 NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
                ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root",
-               ("method", "beit"): "method.tokenizer", ("method", "vqkd"): "method.teacher",
+               ("dataset", "image_text_csv"): "dataset.train_csv", ("dataset", "webdataset"): "dataset.urls",
+               ("method", "clip"): "dataset=fashion_mnist_captions", ("method", "beit"): "method.tokenizer", ("method", "vqkd"): "method.teacher",
                ("method", "eva"): "method.teacher", ("method", "eva02"): "method.teacher"}
 
 

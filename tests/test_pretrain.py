@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import compose_cfg, tiny_method_overrides
 from vfm import evaluate, pretrain
-from vfm.config import CONF_DIR
+from vfm.config import CONF_DIR, ConfigError
 from vfm.engine.trainer import NonFiniteLossError
 
 
@@ -40,9 +40,12 @@ METHODS = sorted(p.stem for p in (Path(CONF_DIR) / "method").glob("*.yaml"))
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_config_trains_end_to_end(method, tiny_method_cfg):
-    cfg = tiny_method_cfg(method, "trainer.max_epochs=1", "eval.baseline=false", "evaluator=[knn]")
+    evaluators = "evaluator=[knn,zero_shot]" if method == "clip" else "evaluator=[knn]"
+    cfg = tiny_method_cfg(method, "trainer.max_epochs=1", "eval.baseline=false", evaluators)
     metrics = pretrain.run(cfg)
     assert metrics["train/steps"] == 8 and 0 <= metrics["knn/top1"] <= 100
+    if method == "clip":
+        assert 0 <= metrics["zero_shot/top1"] <= 100
     run = Path(cfg.paths.output_dir)
     if method == "mae":  # reconstructions next to the attention maps
         assert (run / "viz" / "reconstruction_epoch0001.png").is_file()
@@ -51,7 +54,7 @@ def test_every_method_config_trains_end_to_end(method, tiny_method_cfg):
         assert 0 < metrics["tokenizer/code_usage"] <= 1 and 1 <= metrics["tokenizer/perplexity"] <= 16
 
 
-@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva"])
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva", "clip", "supervised"])
 def test_interrupted_then_resumed_equals_uninterrupted(method, tiny_method_cfg, tmp_path):
     # drop_path draws from the global RNG: the resumed run must restore it to match
     common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2")
@@ -107,7 +110,7 @@ def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva"])
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva", "clip", "supervised"])
 def test_two_process_gloo_torchrun(method, tmp_path, mim_artifacts):
     run = tmp_path / "ddp"
     extra = ["method.centering=sinkhorn_knopp"] if method == "dinov2" else []
@@ -122,3 +125,19 @@ def test_two_process_gloo_torchrun(method, tmp_path, mim_artifacts):
     assert state["step"] == 8
     assert "2 process(es) x 32 images" in (run / "pretrain.log").read_text()
     assert "knn/top1" in json.loads((run / "metrics.json").read_text())["metrics"]
+
+
+def test_evaluate_zero_shot_on_a_clip_checkpoint(tiny_method_cfg, tmp_path):
+    cfg = tiny_method_cfg("clip", "trainer.max_epochs=1", "eval.baseline=false", "evaluator=[zero_shot]",
+                          "trainer.precision=fp32")
+    metrics = pretrain.run(cfg)
+    run = Path(cfg.paths.output_dir)
+    common = ["dataset=synthetic_captions", "trainer.progress=false", "trainer.device=cpu", "logger=none",
+              "trainer.precision=fp32", "evaluator=[zero_shot]"]
+    out = evaluate.run(compose_cfg(common + [f"checkpoint={run}"], tmp_path / "e1", "evaluate"))
+    assert out["zero_shot/top1"] == pytest.approx(metrics["zero_shot/top1"], abs=1e-6)
+    # a non-CLIP checkpoint: a clear error, not a crash
+    dino = tiny_method_cfg("dino", "trainer.max_epochs=1", "eval.baseline=false", "evaluator=[]", run_dir=tmp_path / "d")
+    pretrain.run(dino)
+    with pytest.raises(ConfigError, match="image-text checkpoint"):
+        evaluate.run(compose_cfg(common + [f"checkpoint={tmp_path / 'd'}"], tmp_path / "e2", "evaluate"))

@@ -209,6 +209,11 @@ def _cross_checks(cfg: DictConfig, world_size: int) -> None:
     except ValueError as e:
         raise ConfigError(f"backbone.name: {e}") from e
     method_cls = get_object(cfg.method._target_)
+    if getattr(method_cls, "needs_captions", False) and not str(ds._target_).startswith("vfm.data.image_text."):
+        raise ConfigError(
+            f"method {cfg.method._target_} trains on image-text pairs but dataset {ds._target_} has no captions; "
+            "use dataset=fashion_mnist_captions (labels turned into captions), image_text_csv or webdataset"
+        )
     if getattr(method_cls, "needs_patch_tokens", False) and not is_vit:
         raise ConfigError(
             f"method {cfg.method._target_} needs patch tokens but backbone.name={bb.name} has none; "

@@ -55,16 +55,43 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
         raise CheckpointError(str(e)) from e
 
 
+def load_method(checkpoint: str) -> torch.nn.Module:
+    """The whole pretraining method of a `pretrain` checkpoint (or run directory), rebuilt from the
+    config stored inside it, with its weights (e.g. CLIP's text tower and projections)."""
+    from vfm.pretrain import build_method
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    if path.suffix != ".pt" or not path.is_file():
+        raise ConfigError(f"checkpoint={checkpoint}: zero-shot needs a pretrain run directory or its last.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "config" not in state:
+        raise CheckpointError(f"{path} has no stored config; it was not written by `pretrain`")
+    method = build_method(OmegaConf.create(state["config"]))
+    method.load_state_dict(state["model"], strict=True)
+    return method
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     validate_evaluate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = str(select_device(cfg.trainer.device))
-    encoder, key = load_encoder(str(cfg.checkpoint), cfg.backbone, seed=cfg.trainer.seed)
-    splits = instantiate(cfg.dataset)
     evaluators = {k: instantiate(v) for k, v in (cfg.get("evaluator") or {}).items()}
     if not evaluators:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
+    text_model = None
+    if any(getattr(ev, "needs_text_model", False) for ev in evaluators.values()):
+        text_model = load_method(str(cfg.checkpoint))  # zero-shot needs the whole image-text model
+        if not hasattr(text_model, "encode_text"):
+            raise ConfigError(f"evaluator=[zero_shot] needs an image-text checkpoint (method=clip); "
+                              f"{cfg.checkpoint} is a {type(text_model).__name__} run")
+        text_model = text_model.to(device).eval()
+        encoder, key = text_model.encoder, f"{Path(str(cfg.checkpoint)).resolve()}-clip"
+    else:
+        encoder, key = load_encoder(str(cfg.checkpoint), cfg.backbone, seed=cfg.trainer.seed)
+    splits = instantiate(cfg.dataset)
     cache = None
     if cfg.eval.cache_features:
         digest = hashlib.sha1(f"{key}|{cfg.dataset._target_}|{cfg.dataset.get('root', '')}".encode()).hexdigest()[:16]
@@ -72,6 +99,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = run_evaluators(
         encoder.to(device), splits, evaluators, device=device, batch_size=cfg.eval.batch_size,
         precision=cfg.eval.precision, cache_path=cache, cache_key=key, progress=cfg.trainer.progress,
+        text_model=text_model,
     )
     tmp = run_dir / ".metrics.json.tmp"
     tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "metrics": metrics}, indent=2))

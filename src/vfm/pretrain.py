@@ -113,7 +113,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = build_method(cfg)
     augment = instantiate(cfg.method.augment)
     masking = instantiate(cfg.method.masking) if cfg.method.get("masking") is not None else None
-    collate = MultiCropCollate(augment, masking=masking, patch_size=getattr(method.encoder, "patch_size", None))
+    if hasattr(method, "build_collate"):  # methods with their own batch format (captions, soft labels)
+        collate = method.build_collate(augment)
+    else:
+        collate = MultiCropCollate(augment, masking=masking, patch_size=getattr(method.encoder, "patch_size", None))
     schedules = {k: instantiate(v) for k, v in (cfg.method.get("schedules") or {}).items()}
     optim = instantiate(cfg.optim)
     trainer = instantiate(cfg.trainer)
@@ -124,9 +127,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = str(select_device(cfg.trainer.device))
     eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision, progress=trainer.progress)
 
+    text_model = method if hasattr(method, "encode_text") else None  # image-text methods: zero-shot
+
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
         visualize(encoder, splits, run_dir, logger, epoch, method=method, masking=masking)
-        return run_evaluators(encoder, splits, evaluators, **eval_kw)
+        return run_evaluators(encoder, splits, evaluators, text_model=text_model, **eval_kw)
 
     method_name = cfg.method._target_.rsplit(".", 1)[-1]
     log.info("pretraining %s on %s with %s -> %s", method_name, dataset_name(cfg), cfg.backbone.name, run_dir)
@@ -146,11 +151,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cache = run_dir / "features" if cfg.eval.cache_features else None
         metrics.update(run_evaluators(
             encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
-            cache_key=f"step{result['step']}", **eval_kw,
+            cache_key=f"step{result['step']}", text_model=text_model, **eval_kw,
         ))
-        if cfg.eval.baseline and evaluators:
+        # the random-init baseline: frozen-feature evaluators only (no text tower to zero-shot with)
+        baseline_evs = {k: v for k, v in evaluators.items() if not getattr(v, "needs_text_model", False)}
+        if cfg.eval.baseline and baseline_evs:
             metrics.update(run_evaluators(
-                build_random_encoder(cfg).to(device), splits, evaluators, prefix="baseline/",
+                build_random_encoder(cfg).to(device), splits, baseline_evs, prefix="baseline/",
                 cache_path=cache and cache / "random_init.pt", cache_key="random", **eval_kw,
             ))
         history = result["history"]

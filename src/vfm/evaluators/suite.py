@@ -26,17 +26,34 @@ def run_evaluators(
     cache_key: str = "",
     prefix: str = "",
     progress: bool = True,
+    text_model: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Return {prefix + metric: value} from every evaluator in `evaluators` (name -> callable
-    `(features, num_classes) -> dict`). Features are extracted once and shared."""
+    """Return {prefix + metric: value} from every evaluator in `evaluators` (name -> callable).
+
+    Three kinds: frozen-feature evaluators `(features, num_classes) -> dict` (kNN, linear; features
+    are extracted once and shared), image–text evaluators (`needs_text_model`: zero-shot, which
+    also gets the class names and `text_model`), and evaluators that train the encoder itself
+    (`needs_encoder`: fine-tuning, called with `(encoder, splits, device=)`).
+    """
     if not evaluators:
         return {}
-    feats = extract_split_features(
-        encoder, splits, cache_path=cache_path, cache_key=cache_key, batch_size=batch_size,
-        device=device, precision=precision, progress=progress,
-    )
+    for name, ev in evaluators.items():
+        if getattr(ev, "needs_text_model", False) and text_model is None:
+            raise ValueError(f"evaluator {name} needs an image-text model (a method=clip checkpoint); "
+                             f"this encoder has no text tower")
+    feats = None
+    if any(not getattr(ev, "needs_encoder", False) for ev in evaluators.values()):
+        feats = extract_split_features(
+            encoder, splits, cache_path=cache_path, cache_key=cache_key, batch_size=batch_size,
+            device=device, precision=precision, progress=progress,
+        )
     metrics: dict[str, float] = {}
     for evaluator in evaluators.values():
-        out = evaluator(feats, splits.num_classes)
+        if getattr(evaluator, "needs_encoder", False):
+            out = evaluator(encoder, splits, device=device)
+        elif getattr(evaluator, "needs_text_model", False):
+            out = evaluator(feats, splits.num_classes, class_names=splits.class_names, text_model=text_model)
+        else:
+            out = evaluator(feats, splits.num_classes)
         metrics.update({f"{prefix}{k}": float(v) for k, v in out.items()})
     return metrics
