@@ -135,3 +135,7 @@ def test_load_pretrained_encoder_sources(mim_artifacts, tmp_path):
         load_pretrained_encoder(tmp_path / "nope.pt")
     with pytest.raises(EncoderLoadError, match="neither encoder.safetensors"):
         load_pretrained_encoder(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "encoder.safetensors").write_bytes(mim_artifacts["teacher"].read_bytes())
+    assert torch.allclose(load_pretrained_encoder(run)(x), ref)  # a run directory: its exported encoder
