@@ -16,6 +16,7 @@ from conftest import compose_cfg, tiny_method_overrides
 from vfm import evaluate, pretrain
 from vfm.config import CONF_DIR, ConfigError
 from vfm.engine.trainer import NonFiniteLossError
+from vfm.evaluators.finetune import FineTuneInterrupted
 
 
 def test_pretrain_run_writes_the_run_directory(tiny_cfg, tmp_path):
@@ -127,6 +128,79 @@ def test_two_process_gloo_torchrun(method, tmp_path, mim_artifacts):
     assert "knn/top1" in json.loads((run / "metrics.json").read_text())["metrics"]
 
 
+# Fine-tuning small enough for tests: 2 epochs of 8 steps of 64 images on the tiny ViT, fp32.
+FINETUNE = ["evaluator=[finetune]", "evaluator.finetune.epochs=2", "evaluator.finetune.batch_size=64",
+            "evaluator.finetune.precision=fp32", "+evaluator.finetune.progress=false"]
+
+
+def test_finetune_in_pretrain_and_evaluate_resumes(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none", "trainer.precision=fp32", *FINETUNE)
+    metrics = pretrain.run(cfg)
+    run = Path(cfg.paths.output_dir)
+    assert torch.load(run / "eval/finetune/last.pt", weights_only=False)["epoch"] == 2
+    # the same command again: pretraining and fine-tuning are both done, and are resumed as such
+    again = pretrain.run(cfg)
+    assert {k: again[k] for k in metrics if k.startswith("finetune/")} == {k: v for k, v in metrics.items() if k.startswith("finetune/")}
+
+    common = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none",
+              f"checkpoint={run}/checkpoints/last.pt", *FINETUNE]
+    e1 = tmp_path / "e1"
+    with pytest.raises(FineTuneInterrupted, match="after epoch 1/2"):
+        evaluate.run(compose_cfg(common + ["evaluator.finetune.stop_after_epoch=1"], e1, "evaluate"))
+    assert torch.load(e1 / "finetune/last.pt", weights_only=False)["epoch"] == 1
+    assert not (e1 / "metrics.json").exists()
+    resumed = evaluate.run(compose_cfg(common, e1, "evaluate"))
+    full = evaluate.run(compose_cfg(common, tmp_path / "e2", "evaluate"))
+    assert set(full) == {"finetune/top1", "finetune/val_top1", "finetune/best_epoch", "finetune/train_loss"}
+    assert resumed == full
+    # the encoder from last.pt is pretrain's own, bitwise: its final fine-tuning gave the same
+    assert full == {k: metrics[k] for k in full}
+    # every epoch done: the same command only tests the selected weights again
+    assert evaluate.run(compose_cfg(common, e1, "evaluate")) == full
+    assert json.loads((e1 / "metrics.json").read_text())["metrics"] == full
+
+
+@pytest.mark.slow
+def test_evaluate_finetune_two_process_gloo_torchrun(tiny_cfg, tmp_path):
+    """DDP fine-tuning under torchrun, interrupted and resumed, ends where one uninterrupted process
+    does on the same global batches: without mixup and drop path (per-process draws) and in fp32,
+    only the float summation order of the gradients differs."""
+    cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none", "evaluator=[]", "trainer.precision=fp32")
+    pretrain.run(cfg)
+    ft = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none",
+          f"checkpoint={cfg.paths.output_dir}/checkpoints/last.pt", *FINETUNE,
+          "evaluator.finetune.mixup=0.0", "evaluator.finetune.cutmix=0.0", "evaluator.finetune.drop_path=0.0",
+          # an lr at which it learns (~45% top-1 vs 25% chance) over 32 steps with crops and flips
+          "evaluator.finetune.epochs=4", "evaluator.finetune.blr=0.01", "evaluator.finetune.warmup_epochs=0.5"]
+    ddp = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vfm.evaluate", *ft, f"hydra.run.dir={ddp}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # interrupted after epoch 2 (both processes stop, exit code 3), then the same command resumes
+    proc = subprocess.run([*cmd, "evaluator.finetune.stop_after_epoch=2"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode != 0 and "finetune stopped after epoch 2/4" in proc.stderr, proc.stderr[-3000:]
+    assert torch.load(ddp / "finetune/last.pt", weights_only=False)["epoch"] == 2
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((ddp / "metrics.json").read_text())["metrics"]
+    assert set(two) == {"finetune/top1", "finetune/val_top1", "finetune/best_epoch", "finetune/train_loss"}
+    log_text = (ddp / "evaluate.log").read_text()
+    assert "batch 64 = 2 x 32" in log_text and "resuming from" in log_text
+
+    one = evaluate.run(compose_cfg(ft, tmp_path / "one", "evaluate"))
+    a = torch.load(ddp / "finetune/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "one/finetune/last.pt", weights_only=False)
+    assert (a["world_size"], b["world_size"], a["epoch"], b["epoch"]) == (2, 1, 4, 4)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-5, msg=k)
+    assert two["finetune/train_loss"] == pytest.approx(one["finetune/train_loss"], abs=1e-5)
+    assert two["finetune/best_epoch"] == one["finetune/best_epoch"]
+    for key in ("finetune/val_top1", "finetune/top1"):  # at most one of 128 borderline images may flip
+        assert two[key] == pytest.approx(one[key], abs=100 / 128 + 1e-9), key
+
+
 def test_evaluate_zero_shot_on_a_clip_checkpoint(tiny_method_cfg, tmp_path):
     cfg = tiny_method_cfg("clip", "trainer.max_epochs=1", "eval.baseline=false", "evaluator=[zero_shot]",
                           "trainer.precision=fp32")
@@ -141,3 +215,14 @@ def test_evaluate_zero_shot_on_a_clip_checkpoint(tiny_method_cfg, tmp_path):
     pretrain.run(dino)
     with pytest.raises(ConfigError, match="image-text checkpoint"):
         evaluate.run(compose_cfg(common + [f"checkpoint={tmp_path / 'd'}"], tmp_path / "e2", "evaluate"))
+
+
+def test_random_init_baseline_is_the_encoder_before_training(tiny_method_cfg):
+    from vfm.backbones import sincos_pos_embed_2d
+
+    for method in ("dino", "mae"):
+        cfg = tiny_method_cfg(method)
+        a, b = pretrain.build_random_encoder(cfg), pretrain.build_method(cfg).encoder
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    # MAE's encoder starts with its fixed sin-cos positions, and so does its baseline
+    assert torch.allclose(a.model.pos_embed[0, 1:], sincos_pos_embed_2d(32, 4, 4))

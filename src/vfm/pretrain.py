@@ -66,10 +66,10 @@ def build_method(cfg: DictConfig) -> torch.nn.Module:
 
 
 def build_random_encoder(cfg: DictConfig) -> torch.nn.Module:
-    """The backbone exactly as initialised before pretraining: same seed, and the backbone is the
-    first thing `build_method` creates, so the weights are identical."""
-    seed_everything(cfg.trainer.seed)
-    return instantiate(cfg.backbone)
+    """The encoder exactly as initialised before pretraining: the method is built again from the
+    same seed, so its encoder has the same weights, including what the method changes at
+    construction (MAE's fixed sin-cos position embedding, a mask token)."""
+    return build_method(cfg).encoder
 
 
 def dataset_name(cfg: DictConfig) -> str:
@@ -149,16 +149,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if hasattr(method, "codebook_report"):  # tokenizers: codebook usage on the validation images
             metrics.update(_codebook_report(method, splits))
         cache = run_dir / "features" if cfg.eval.cache_features else None
+        # work_dir: fine-tuning keeps its state in <run>/eval/finetune, so running the same
+        # command again (training already done) resumes it
         metrics.update(run_evaluators(
             encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
-            cache_key=f"step{result['step']}", text_model=text_model, **eval_kw,
+            cache_key=f"step{result['step']}", text_model=text_model, work_dir=run_dir / "eval", **eval_kw,
         ))
         # the random-init baseline: frozen-feature evaluators only (no text tower to zero-shot with)
         baseline_evs = {k: v for k, v in evaluators.items() if not getattr(v, "needs_text_model", False)}
         if cfg.eval.baseline and baseline_evs:
             metrics.update(run_evaluators(
                 build_random_encoder(cfg).to(device), splits, baseline_evs, prefix="baseline/",
-                cache_path=cache and cache / "random_init.pt", cache_key="random", **eval_kw,
+                cache_path=cache and cache / "random_init.pt", cache_key="random",
+                work_dir=run_dir / "eval", **eval_kw,  # -> <run>/eval/baseline/finetune
             ))
         history = result["history"]
         metrics.update({
