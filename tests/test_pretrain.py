@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import compose_cfg, tiny_method_overrides
+from conftest import TINY, compose_cfg, tiny_method_overrides
 from vfm import evaluate, pretrain
 from vfm.config import CONF_DIR, ConfigError
 from vfm.engine.trainer import NonFiniteLossError
@@ -199,6 +199,19 @@ def test_evaluate_finetune_two_process_gloo_torchrun(tiny_cfg, tmp_path):
     assert two["finetune/best_epoch"] == one["finetune/best_epoch"]
     for key in ("finetune/val_top1", "finetune/top1"):  # at most one of 128 borderline images may flip
         assert two[key] == pytest.approx(one[key], abs=100 / 128 + 1e-9), key
+
+
+@pytest.mark.slow
+def test_two_process_pretrain_finetunes_on_rank_0_alone(tmp_path):
+    """pretrain's final evaluation runs on rank 0 while the other process waits at a barrier: the
+    fine-tuning there must train alone, not wait for a DDP partner (a hang before the fix)."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vfm.pretrain",
+           *TINY, "trainer.max_epochs=1", "eval.baseline=false", *FINETUNE, f"hydra.run.dir={run}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finetune/top1" in json.loads((run / "metrics.json").read_text())["metrics"]
+    assert torch.load(run / "eval/finetune/last.pt", weights_only=False)["world_size"] == 1
 
 
 def test_evaluate_zero_shot_on_a_clip_checkpoint(tiny_method_cfg, tmp_path):

@@ -64,6 +64,16 @@ def destroy() -> None:
         dist.destroy_process_group()
 
 
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer of `module` (e.g. BatchNorm running statistics, which each process
+    updates from its own batches) with rank `src`'s, so all processes hold the same model."""
+    if not is_dist():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src)
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over processes (in place on a copy; the input is left untouched)."""
     if not is_dist():

@@ -7,6 +7,12 @@
 
 The backbone of a `last.pt` comes from the config stored inside it; for `.safetensors` written by
 `pretrain` from their metadata; for other timm weight files and `random`, from `backbone=...`.
+
+Evaluators that train (fine-tuning) keep their state in the run directory (`<run>/finetune/`):
+the same command run again resumes them. Under torchrun (e.g.
+`torchrun --nproc_per_node=2 -m vfm.evaluate ... evaluator=[finetune] trainer.device=cpu`)
+fine-tuning is data-parallel; frozen-feature evaluators simply run on every process, and only
+rank 0 writes metrics.json, the feature cache and TensorBoard.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +30,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vfm import distributed as vdist
 from vfm.backbones.loading import EncoderLoadError, load_pretrained_encoder
 from vfm.backbones.timm_backbone import exported_metadata
 from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, validate_evaluate
 from vfm.engine.checkpoint import CheckpointError
 from vfm.engine.trainer import select_device
+from vfm.evaluators.finetune import FineTuneInterrupted
 from vfm.evaluators.suite import run_evaluators
 
 log = logging.getLogger("vfm.evaluate")
@@ -75,6 +84,11 @@ def load_method(checkpoint: str) -> torch.nn.Module:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     validate_evaluate(cfg)
+    # as pretrain: under torchrun, join the process group first (select_device then picks this
+    # process's local GPU)
+    device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
+    vdist.init_distributed(device_type)
+    rank = vdist.get_rank()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = str(select_device(cfg.trainer.device))
@@ -99,22 +113,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = run_evaluators(
         encoder.to(device), splits, evaluators, device=device, batch_size=cfg.eval.batch_size,
         precision=cfg.eval.precision, cache_path=cache, cache_key=key, progress=cfg.trainer.progress,
-        text_model=text_model,
+        text_model=text_model, work_dir=run_dir,
     )
-    tmp = run_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "metrics": metrics}, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
-    logger = instantiate(cfg.logger, save_dir=str(run_dir))
-    logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, 0)
-    logger.close()
-    lines = [f"{k:24s} {v:8.2f}" for k, v in metrics.items()]
-    print(f"evaluation of {cfg.checkpoint}:\n" + "\n".join(lines), flush=True)
+    if rank == 0:
+        tmp = run_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "metrics": metrics}, indent=2))
+        os.replace(tmp, run_dir / "metrics.json")
+        logger = instantiate(cfg.logger, save_dir=str(run_dir))
+        logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, 0)
+        logger.close()
+        lines = [f"{k:24s} {v:8.2f}" for k, v in metrics.items()]
+        print(f"evaluation of {cfg.checkpoint}:\n" + "\n".join(lines), flush=True)
+    vdist.barrier()
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    return run_or_exit(run, cfg).get("knn/top1")
+    try:
+        return run_or_exit(run, cfg).get("knn/top1")
+    except FineTuneInterrupted as e:  # a planned stop (stop_after_epoch), not a crash: no traceback
+        print(f"interrupted: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    finally:
+        vdist.destroy()
 
 
 if __name__ == "__main__":

@@ -125,7 +125,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = instantiate(cfg.logger, save_dir=str(run_dir)) if rank == 0 else NullLogger()
     logger.log_text("config", resolved)
     device = str(select_device(cfg.trainer.device))
-    eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision, progress=trainer.progress)
+    # distributed=False: every evaluation below runs on rank 0 alone (the others wait at a barrier),
+    # so fine-tuning must not wait for them in DDP collectives
+    eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision,
+                   progress=trainer.progress, distributed=False)
 
     text_model = method if hasattr(method, "encode_text") else None  # image-text methods: zero-shot
 

@@ -293,18 +293,27 @@ def test_synthetic_is_learnable() -> None:
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_dataset_config_matches_builder(path: Path) -> None:
+    import vfm.data.image_text as IT
+
     cfg = OmegaConf.load(path)
     module, _, name = cfg["_target_"].rpartition(".")
-    assert module == "vfm.data.datasets"
+    assert module in ("vfm.data.datasets", "vfm.data.image_text")
     if name == "benchmark":  # the in-memory benchmarks share one builder, chosen by variant
         assert cfg["variant"] == path.stem
+    elif name == "captioned":  # a benchmark with captions: <variant>_captions
+        assert f"{cfg['variant']}_captions" == path.stem
     else:
         assert name == path.stem
-    params = inspect.signature(getattr(D, name)).parameters
+    builder = getattr(D if module == "vfm.data.datasets" else IT, name)
+    params = inspect.signature(builder).parameters
+    if name == "synthetic_captions":  # forwards the rest to `synthetic`
+        params = {**params, **inspect.signature(D.synthetic).parameters}
+    params = {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     keys = set(cfg.keys()) - {"_target_"}
     assert keys <= set(params), f"keys not in the builder's signature: {keys - set(params)}"
-    assert {"img_size", "in_chans", "mean", "std", "num_classes"} <= keys
-    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    assert {"img_size", "in_chans", "mean", "std"} <= keys
+    assert "num_classes" in keys or name in ("image_text_csv", "webdataset")  # captions only: 0 by default
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for k, p in params.items() if k not in ("train_csv", "val_csv", "urls"))
 
 
 def test_synthetic_config_instantiates() -> None:

@@ -56,6 +56,19 @@ def test_same_seed_identical_other_seed_different() -> None:
     assert torch.equal(a[0][0], d[0][0])
 
 
+def test_rows_of_a_batch_match_the_whole_batch() -> None:
+    """`of_batch` / `start` (one process's slice of a data-parallel global batch): every op on, the
+    slice comes out bitwise as those rows of the whole batch."""
+    aug = MultiCropAugmentation(global_crop_size=24, local_crop_size=10, mean=(0.5,) * 3, std=(0.25,) * 3)
+    x = images(b=8, c=3, size=32)
+    whole = aug(x, torch.Generator().manual_seed(7))
+    for start, stop in ((0, 4), (4, 8), (3, 5)):
+        part = aug(x[start:stop], torch.Generator().manual_seed(7), of_batch=8, start=start)
+        assert all(torch.equal(w[start:stop], q) for w, q in zip(whole, part, strict=True)), (start, stop)
+    with pytest.raises(ValueError, match="do not fit in a batch of 8"):
+        aug(x[:4], torch.Generator().manual_seed(7), of_batch=8, start=6)
+
+
 def test_identity_crop_and_flip() -> None:
     x = images(c=3, size=20)
     unit = x.float() / 255

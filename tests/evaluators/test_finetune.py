@@ -1,5 +1,5 @@
 """Full fine-tuning evaluator: layer-wise lr decay groups, drop path, learning, model selection on
-val (never test), determinism, ResNet / plain timm encoders, config."""
+val (never test), determinism, resume from its checkpoint, ResNet / plain timm encoders, config."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from torch import nn
 
 from vfm.backbones import Backbone
 from vfm.data.datasets import DataSplits, TensorImageDataset
-from vfm.evaluators.finetune import FineTune, layer_decay_param_groups, set_drop_path
+from vfm.engine.checkpoint import CheckpointError
+from vfm.evaluators.finetune import (
+    CHECKPOINT_NAME,
+    FineTune,
+    FineTuneInterrupted,
+    layer_decay_param_groups,
+    set_drop_path,
+)
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "evaluator" / "finetune.yaml"
 # The full recipe (mixup + cutmix, drop path, layer decay 0.75, crops) on a from-scratch tiny ViT:
@@ -231,6 +238,94 @@ def test_resnet() -> None:
     assert {"finetune/top1", "finetune/val_top1", "finetune/best_epoch"} <= set(m)
     assert all(np.isfinite(v) for v in m.values())
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume and data parallelism
+# ---------------------------------------------------------------------------------------------
+
+
+def load_ckpt(directory: Path) -> dict:
+    return torch.load(directory / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
+
+
+def test_interrupted_then_resumed_is_bitwise_uninterrupted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The full recipe (crops, mixup/cutmix, drop path, layer decay, warmup + cosine) in fp32:
+    stopped after epoch 1, resumed and stopped after epoch 2, resumed to the end, it ends with the
+    uninterrupted run's metrics and bitwise its weights and optimizer state."""
+    splits = make_splits(n_train=256)
+    kw = {**QUICK, "epochs": 3, "precision": "fp32", "drop_path": 0.1}
+    full = FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=tmp_path / "full")
+    assert FineTune(**kw)(tiny_vit(), splits) == full  # saving changes nothing
+
+    part = tmp_path / "part"
+    with pytest.raises(FineTuneInterrupted, match=r"after epoch 1/3 \(stop_after_epoch=1\)"):
+        FineTune(**kw, stop_after_epoch=1)(tiny_vit(), splits, checkpoint_dir=part)
+    assert load_ckpt(part)["epoch"] == 1
+    with pytest.raises(FineTuneInterrupted, match="after epoch 2/3"):
+        FineTune(**kw, stop_after_epoch=2)(tiny_vit(), splits, checkpoint_dir=part)
+    assert load_ckpt(part)["epoch"] == 2
+    with caplog.at_level(logging.INFO, logger="vfm.evaluators.finetune"):
+        resumed = FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=part)
+    assert "resuming from" in caplog.text and "after epoch 2/3" in caplog.text
+    assert resumed == full
+
+    a, b = load_ckpt(tmp_path / "full"), load_ckpt(part)
+    assert a["epoch"] == b["epoch"] == 3 and a["best_epoch"] == b["best_epoch"] and a["val_hist"] == b["val_hist"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) and torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"])
+               for i in sa)
+
+    # every epoch done: a further call only tests the selected weights, with the same result
+    calls: list[str] = []
+    real_evaluate = FineTune._evaluate
+
+    def spy(self, model, dataset, splits_, device, *, desc):
+        calls.append(desc)
+        return real_evaluate(self, model, dataset, splits_, device, desc=desc)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FineTune, "_evaluate", spy)
+        assert FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=part) == full
+    assert calls == ["finetune/test"]
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path: Path) -> None:
+    splits = make_splits(n_train=128)
+    kw = {**QUICK, "epochs": 2}
+    with pytest.raises(FineTuneInterrupted):
+        FineTune(**kw, stop_after_epoch=1)(tiny_vit(), splits, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"refusing to resume .*epochs: 2 in the checkpoint, 3 now.*Delete"):
+        FineTune(**{**kw, "epochs": 3})(tiny_vit(), splits, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match=r"blr: 0\.1 in the checkpoint, 0\.2 now"):
+        FineTune(**{**kw, "blr": 0.2})(tiny_vit(), splits, checkpoint_dir=tmp_path)
+    # same architecture and parameter count, other weights (e.g. a longer pretraining run)
+    with pytest.raises(CheckpointError, match="encoder_digest"):
+        FineTune(**kw)(tiny_vit(seed=1), splits, checkpoint_dir=tmp_path)
+    # the matching settings still resume
+    assert FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=tmp_path)["finetune/best_epoch"] in (1.0, 2.0)
+
+    (tmp_path / "other").mkdir()
+    torch.save({"model": {}}, tmp_path / "other" / CHECKPOINT_NAME)  # e.g. a pretrain last.pt
+    with pytest.raises(CheckpointError, match="not a fine-tuning checkpoint"):
+        FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=tmp_path / "other")
+    with pytest.raises(ValueError, match="stop_after_epoch needs a checkpoint_dir"):
+        FineTune(**kw, stop_after_epoch=1)(tiny_vit(), splits)
+
+
+def test_global_batch_must_split_over_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before any collective, so every process fails alike with the fix in the message."""
+    import vfm.evaluators.finetune as ft_module
+
+    monkeypatch.setattr(ft_module.vdist, "get_world_size", lambda: 4)
+    with pytest.raises(ValueError, match=r"batch_size=30 .* over 4 processes; use a multiple of 4"):
+        FineTune(**{**QUICK, "batch_size": 30, "mixup": 0.0, "cutmix": 0.0})(tiny_vit(), make_splits(64))
+    with pytest.raises(ValueError, match=r"batch_size=36 .* even number of images per process.*multiple of 8"):
+        FineTune(**{**QUICK, "batch_size": 36})(tiny_vit(), make_splits(64))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,12 +184,32 @@ class MultiCropAugmentation:
 
     # ----------------------------------------------------------------------------------------
 
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-        """uint8 ``[B, C, H, W]`` -> ``n_global`` float32 ``[B, C, g, g]`` then ``n_local`` ``[B, C, l, l]``."""
+    def __call__(
+        self,
+        images: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        of_batch: int | None = None,
+        start: int = 0,
+    ) -> list[Tensor]:
+        """uint8 ``[B, C, H, W]`` -> ``n_global`` float32 ``[B, C, g, g]`` then ``n_local`` ``[B, C, l, l]``.
+
+        ``of_batch`` / ``start``: ``images`` are rows ``start .. start + B`` of a batch of
+        ``of_batch`` images (e.g. one process's shard of a data-parallel global batch). The random
+        parameters are drawn for the whole batch, from the same stream as augmenting all of it,
+        and only these rows are computed, so the shard comes out exactly as those rows of the
+        whole batch would.
+        """
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(
                 f"MultiCropAugmentation expects uint8 images [B, C, H, W], got {images.dtype} {tuple(images.shape)}"
             )
+        total = len(images) if of_batch is None else int(of_batch)
+        if start < 0 or start + len(images) > total:
+            raise ValueError(
+                f"MultiCropAugmentation: rows {start}..{start + len(images)} do not fit in a batch of {total}"
+            )
+        rows = slice(start, start + len(images))
         mean_t, std_t = _stats_tensors(self.mean, self.std, images.shape[1], images.device)
         x = images.to(torch.float32) / 255.0
         crops = []
@@ -200,7 +220,7 @@ class MultiCropAugmentation:
             else:
                 recipe = 2
                 size, scale = self.local_crop_size, self.local_scale
-            view = self._one_view(x, size, scale, self.blur_p[recipe], self.solarize_p[recipe], generator)
+            view = self._one_view(x, size, scale, self.blur_p[recipe], self.solarize_p[recipe], generator, total, rows)
             crops.append((view - mean_t) / std_t)
         return crops
 
@@ -212,22 +232,27 @@ class MultiCropAugmentation:
         blur_p: float,
         solarize_p: float,
         g: torch.Generator | None,
+        total: int | None = None,
+        rows: slice | None = None,
     ) -> Tensor:
         b, c, height, width = x.shape
         dev = x.device
+        n = b if total is None else total
+        sel = slice(0, b) if rows is None else rows
         # Fixed draw order and count, independent of which augmentations fire. Everything is
         # drawn and decided on the CPU (so the stream does not depend on the device and the
         # "does any sample need this op" tests do not synchronise a GPU); only the selected
-        # indices and their factors travel to the images' device.
-        crop_u = torch.rand(b, 4, 10, generator=g)  # area, log-ratio, top, left, per try
-        flip_u = torch.rand(b, generator=g)
-        jitter_u = torch.rand(b, generator=g)
-        factor_u = torch.rand(b, 4, generator=g)
-        order = torch.rand(b, 4, generator=g).argsort(dim=1)  # random op order per sample
-        gray_u = torch.rand(b, generator=g)
-        blur_u = torch.rand(b, generator=g)
-        sigma_u = torch.rand(b, generator=g)
-        solar_u = torch.rand(b, generator=g)
+        # indices and their factors travel to the images' device. Drawn for all ``n`` rows of
+        # the batch, then cut to ours (``sel``): a shard gets exactly its rows' parameters.
+        crop_u = torch.rand(n, 4, 10, generator=g)[sel]  # area, log-ratio, top, left, per try
+        flip_u = torch.rand(n, generator=g)[sel]
+        jitter_u = torch.rand(n, generator=g)[sel]
+        factor_u = torch.rand(n, 4, generator=g)[sel]
+        order = torch.rand(n, 4, generator=g).argsort(dim=1)[sel]  # random op order per sample
+        gray_u = torch.rand(n, generator=g)[sel]
+        blur_u = torch.rand(n, generator=g)[sel]
+        sigma_u = torch.rand(n, generator=g)[sel]
+        solar_u = torch.rand(n, generator=g)[sel]
         if b == 0:
             return x.new_zeros(0, c, size, size)
 

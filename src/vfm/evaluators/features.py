@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vfm import distributed as vdist
+
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "val", "test")
@@ -250,7 +252,9 @@ def extract_split_features(
         out[f"{name}_x"], out[f"{name}_y"] = x, y
     features = SplitFeatures(**out)
 
-    if path is not None:
+    # Under torchrun every process extracts; one writer is enough (the others would only race to
+    # replace the file with identical content).
+    if path is not None and vdist.is_main_process():
         # dataset sizes too: unlabelled samples are dropped from x/y, so len(x) may be < len(ds)
         sizes = {f"{n}_n": len(getattr(splits, n)) for n in _SPLITS if getattr(splits, n, None) is not None}
         _atomic_save({"key": cache_key, **out, **sizes}, path)

@@ -36,17 +36,41 @@ Defaults are CPU-friendly (5 epochs); the MAE ViT-B/16 ImageNet values are given
 in ``conf/evaluator/finetune.yaml``. Runs are reproducible: shuffling, augmentation, mixup and
 drop path all draw from streams seeded by ``seed``, and the caller's global torch / numpy RNG
 states are restored afterwards (a pretraining run calling this evaluator is not perturbed).
+
+**Resume.** With ``checkpoint_dir``, the state after every epoch (classifier, optimizer, selection
+so far, a fingerprint of the settings and of the encoder's weights) is written atomically to
+``<checkpoint_dir>/last.pt``; a later call with the same directory continues from the next epoch,
+or only tests the selected weights when every epoch is done, and refuses a checkpoint written with
+other settings. No RNG state has to travel in it: every random stream is re-derived from
+``(seed, epoch[, batch, rank])`` (epoch order, crops, mixup, drop path), so an interrupted and
+resumed run is bitwise the uninterrupted one (fp32; bf16 too on a deterministic backend).
+``stop_after_epoch`` stops a run early (:class:`FineTuneInterrupted`), for tests and time-boxed jobs.
+
+**Data parallel.** Under ``torchrun`` (``torch.distributed`` initialised, world size > 1) the
+classifier is wrapped in ``DistributedDataParallel`` and every global batch of ``batch_size``
+images is cut into contiguous per-process slices (``batch_size`` must divide evenly). The crops
+of a slice are exactly those rows of the single-process global batch (parameters drawn for the
+whole batch, see ``MultiCropAugmentation(of_batch=, start=)``), so without mixup and drop path
+the gradients are those of one process up to float summation order. Mixup / cutmix runs on each
+process's slice with the batch's lambda (same seed on every process), pairing images within the
+slice; drop path draws per process. Val and test are sharded across processes and the counts
+summed, so every process selects the same epoch and returns the same metrics; only rank 0 writes
+the checkpoint. BatchNorm is not converted to ``SyncBatchNorm``: a CNN normalises with
+per-process batch statistics and keeps rank 0's running statistics (broadcast after every epoch),
+as timm / torchvision recipes without ``--sync-bn``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import re
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,11 +82,13 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
+from vfm import distributed as vdist
 from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.data.loader import batch_seed, build_eval_loader
 from vfm.data.transforms import MultiCropAugmentation, normalize
+from vfm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
-__all__ = ["FineTune", "layer_decay_param_groups", "set_drop_path"]
+__all__ = ["CHECKPOINT_NAME", "FineTune", "FineTuneInterrupted", "layer_decay_param_groups", "set_drop_path"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +99,23 @@ NO_WEIGHT_DECAY: frozenset[str] = frozenset({"pos_embed", "cls_token", "dist_tok
 _EMBED_RE = re.compile(r"^(cls_token|pos_embed|reg_token|dist_token|mask_token|patch_embed\.)")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 _PRECISIONS = ("fp32", "bf16")
+# The file written in ``checkpoint_dir`` after every epoch, and its format tag.
+CHECKPOINT_NAME = "last.pt"
+_CKPT_FORMAT = "vfm.finetune/1"
+# Stream ids (the last coordinate of ``batch_seed``) of the independent random streams.
+_CROP_STREAM, _MIXUP_STREAM, _ORDER_STREAM, _DROP_PATH_STREAM = 0, 1, 2, 3
+
+
+class FineTuneInterrupted(RuntimeError):
+    """Raised when a run stops at ``stop_after_epoch`` before its last epoch; the state of that
+    epoch is in ``path``, and a call with the same ``checkpoint_dir`` resumes from it."""
+
+    def __init__(self, epoch: int, epochs: int, stop_after_epoch: int, path: Path) -> None:
+        super().__init__(
+            f"finetune stopped after epoch {epoch}/{epochs} (stop_after_epoch={stop_after_epoch}); its state is "
+            f"in {path}: call again with the same checkpoint_dir and a later (or no) stop_after_epoch to resume"
+        )
+        self.epoch, self.epochs, self.path = epoch, epochs, path
 
 
 def _find_vit(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -253,6 +296,16 @@ def _subset(dataset: Dataset, idx: Tensor) -> Dataset:
     return Subset(dataset, idx.tolist())
 
 
+def _weights_digest(module: nn.Module) -> str:
+    """SHA-1 of ``module``'s state (names, dtypes, shapes, bytes): tells a checkpoint fine-tuned
+    from other weights of the same architecture (e.g. a longer pretraining run) from ours."""
+    h = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 class FineTune:
     """Full fine-tuning evaluator (MAE recipe, see the module docstring); best epoch chosen on val.
 
@@ -280,6 +333,9 @@ class FineTune:
         progress: show a tqdm bar.
         select_on: "val" keeps the epoch with the best validation top-1 (a seeded 10% of train is
             held out when the splits have no val); "last" keeps the final weights.
+        stop_after_epoch: stop (raise :class:`FineTuneInterrupted`) once this many epochs are done
+            and saved, before the last one; a later call with the same ``checkpoint_dir`` resumes.
+            For tests and time-boxed jobs; needs ``checkpoint_dir``. ``None``: run to the end.
     """
 
     needs_encoder = True
@@ -306,6 +362,7 @@ class FineTune:
         device: str = "cpu",
         progress: bool = True,
         select_on: str = "val",
+        stop_after_epoch: int | None = None,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"finetune.epochs must be >= 1, got {epochs}")
@@ -327,6 +384,8 @@ class FineTune:
             raise ValueError(f"finetune.precision must be one of {_PRECISIONS}, got {precision!r}")
         if select_on not in ("val", "last"):
             raise ValueError(f"finetune.select_on must be 'val' or 'last', got {select_on!r}")
+        if stop_after_epoch is not None and stop_after_epoch < 1:
+            raise ValueError(f"finetune.stop_after_epoch must be >= 1 or None, got {stop_after_epoch}")
         self.epochs = int(epochs)
         self.batch_size = int(batch_size)
         self.blr, self.min_lr = float(blr), float(min_lr)
@@ -344,6 +403,8 @@ class FineTune:
         self.device = device
         self.progress = progress
         self.select_on = select_on
+        self.stop_after_epoch = None if stop_after_epoch is None else int(stop_after_epoch)
+        self._rank, self._world = 0, 1  # this call's place in the process group, set by __call__
 
     # ------------------------------------------------------------------------------------------
 
@@ -379,45 +440,112 @@ class FineTune:
         self, model: nn.Module, dataset: Dataset, splits: DataSplits, device: torch.device, *, desc: str
     ) -> tuple[float, float]:
         """Top-1 and top-5 accuracy (percent) on the labelled samples of ``dataset``: full image
-        (centre-cropped to ``img_size`` when stored larger), normalised, no augmentation."""
+        (centre-cropped to ``img_size`` when stored larger), normalised, no augmentation.
+
+        Under DDP each process scores every ``world``-th sample and the counts are summed, so all
+        processes get the same numbers (and select the same epoch). ``model`` is the bare module,
+        not the DDP wrapper: shards may differ in length, and a DDP forward would run a collective
+        (the buffer broadcast) per batch."""
+        rank, world = self._rank, self._world
+        if world > 1:
+            dataset = _subset(dataset, torch.arange(rank, len(dataset), world))  # type: ignore[arg-type]
         model.eval()
         correct1 = correct5 = total = 0
-        loader = build_eval_loader(dataset, batch_size=self.batch_size)
-        for images, labels in tqdm(loader, desc=desc, disable=not self.progress, leave=False):
-            keep = labels >= 0  # unlabelled samples (-1) cannot be scored
-            if not bool(keep.any()):
-                continue
-            x = normalize(images[keep].to(device), splits.mean, splits.std, crop_size=splits.img_size)
-            y = labels[keep].to(device)
-            with self._autocast(device):
-                logits = model(x)
-            top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += int((top[:, 0] == y).sum())
-            correct5 += int((top == y[:, None]).any(1).sum())
-            total += len(y)
+        if len(dataset) > 0:  # type: ignore[arg-type]
+            loader = build_eval_loader(dataset, batch_size=self.batch_size)
+            for images, labels in tqdm(loader, desc=desc, disable=not self.progress or rank != 0, leave=False):
+                keep = labels >= 0  # unlabelled samples (-1) cannot be scored
+                if not bool(keep.any()):
+                    continue
+                x = normalize(images[keep].to(device), splits.mean, splits.std, crop_size=splits.img_size)
+                y = labels[keep].to(device)
+                with self._autocast(device):
+                    logits = model(x)
+                top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+                correct1 += int((top[:, 0] == y).sum())
+                correct5 += int((top == y[:, None]).any(1).sum())
+                total += len(y)
+        if world > 1:
+            counts = vdist.all_reduce_sum(torch.tensor([correct1, correct5, total], dtype=torch.int64, device=device))
+            correct1, correct5, total = (int(c) for c in counts.tolist())
         if total == 0:
             return float("nan"), float("nan")
         return 100.0 * correct1 / total, 100.0 * correct5 / total
 
-    def __call__(self, encoder: nn.Module, splits: DataSplits, *, device: str | None = None) -> dict[str, float]:
+    def __call__(
+        self,
+        encoder: nn.Module,
+        splits: DataSplits,
+        *,
+        device: str | None = None,
+        checkpoint_dir: str | Path | None = None,
+        distributed: bool = True,
+    ) -> dict[str, float]:
         """Fine-tune a copy of ``encoder`` on ``splits.train`` and return, in percent,
         ``finetune/val_top1`` (selected epoch), ``finetune/best_epoch`` (1-based),
         ``finetune/train_loss`` (mean over the last epoch) and, when there is a test split,
         ``finetune/top1`` (+ ``finetune/top5`` when ``num_classes >= 5``, as the linear probe)
-        of the selected weights."""
+        of the selected weights.
+
+        ``checkpoint_dir``: save the state to ``<checkpoint_dir>/last.pt`` after every epoch and
+        resume from it when it exists (see the module docstring); a file written with other
+        settings or another encoder raises :class:`~vfm.engine.checkpoint.CheckpointError`.
+        Under DDP it must be on a file system every process sees (rank 0 writes, all read).
+
+        ``distributed``: with an initialised process group of several processes, every process
+        must make this call and they train together (DDP). ``False`` trains in this process
+        alone, for callers that evaluate on one rank only (``pretrain``'s rank-0 evaluation)."""
         dev = torch.device(device if device is not None else self.device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+        ckpt = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+        # Read by _run and _evaluate; (0, 1) makes every collective a no-op.
+        self._rank, self._world = (vdist.get_rank(), vdist.get_world_size()) if distributed else (0, 1)
+        if self.stop_after_epoch is not None and ckpt is None:
+            raise ValueError("finetune.stop_after_epoch needs a checkpoint_dir: stopping early without saving "
+                             "would throw the training away")
         # Private RNG streams: the head init and drop path use the global torch RNG, which must be
         # seeded for reproducibility but restored so a pretraining run calling us is unaffected.
         fork_devices = [dev.index] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(self.seed)
-            return self._run(encoder, splits, dev)
+            return self._run(encoder, splits, dev, ckpt)
 
-    def _run(self, encoder: nn.Module, splits: DataSplits, device: torch.device) -> dict[str, float]:
+    def _fingerprint(self, encoder: nn.Module, **extra: Any) -> dict[str, Any]:
+        """Everything that shapes the training trajectory: a checkpoint is resumed only when this
+        is equal. (The process count is not in it: resuming on another count is allowed, it only
+        changes per-process mixup pairing / drop path draws from then on.)"""
+        return {
+            "epochs": self.epochs, "blr": self.blr, "min_lr": self.min_lr, "warmup_epochs": self.warmup_epochs,
+            "weight_decay": self.weight_decay, "layer_decay": self.layer_decay, "drop_path": self.drop_path,
+            "label_smoothing": self.label_smoothing, "mixup": self.mixup, "cutmix": self.cutmix,
+            "mixup_prob": self.mixup_prob, "mixup_switch_prob": self.mixup_switch_prob,
+            "crop_scale": list(self.crop_scale), "flip_p": self.flip_p, "seed": self.seed,
+            "precision": self.precision, "select_on": self.select_on,
+            "encoder_params": sum(p.numel() for p in encoder.parameters()),
+            "encoder_digest": _weights_digest(encoder),
+            **extra,
+        }
+
+    @staticmethod
+    def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
+        state = load_checkpoint(path)
+        if not isinstance(state, dict) or state.get("format") != _CKPT_FORMAT:
+            raise CheckpointError(f"{path} is not a fine-tuning checkpoint ({_CKPT_FORMAT}); delete it or use "
+                                  f"another checkpoint_dir")
+        saved = state.get("fingerprint", {})
+        diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in fingerprint.items() if saved.get(k) != v]
+        if diffs:
+            raise CheckpointError(
+                f"refusing to resume fine-tuning from {path}: it was written with other settings or another "
+                f"encoder ({'; '.join(diffs)}). Delete {path} to start over, or use another checkpoint_dir "
+                f"(run directory)"
+            )
+        return state
+
+    def _run(self, encoder: nn.Module, splits: DataSplits, device: torch.device, ckpt: Path | None) -> dict[str, float]:
         num_classes = int(splits.num_classes)
-        gen = torch.Generator().manual_seed(self.seed)
+        rank, world = self._rank, self._world
 
         # Training set: labelled samples only (e.g. STL-10's train split mixes in unlabelled ones).
         train_ds: Dataset = splits.train
@@ -444,14 +572,31 @@ class FineTune:
 
         n = len(labels)
         mixing = self.mixup > 0 or self.cutmix > 0
+        if world > 1 and (self.batch_size % world or (mixing and (self.batch_size // world) % 2)):
+            even = " into an even number of images per process (mixup pairs images within a process)" if mixing else ""
+            unit = world * (2 if mixing else 1)
+            raise ValueError(
+                f"finetune.batch_size={self.batch_size} (the global batch) does not split over {world} processes"
+                f"{even}; use a multiple of {unit}, e.g. finetune.batch_size={unit * max(1, self.batch_size // unit)}"
+            )
+        # timm's Mixup pairs each sample with its mirror in the (per-process) batch: even slices.
+        unit = world * (2 if mixing else 1)
         batch = min(self.batch_size, n)
-        if mixing:
-            batch -= batch % 2  # timm's Mixup pairs each sample with its mirror in the batch
-        if batch < 1 or (mixing and batch < 2):
-            raise ValueError(f"finetune: {n} labelled training samples are too few for a batch")
+        batch -= batch % unit
+        if batch == 0:
+            raise ValueError(f"finetune: {n} labelled training samples are too few for a batch"
+                             + (f" of {unit} over {world} processes" if world > 1 else ""))
+        per = batch // world
+        lo = rank * per  # this process's rows of every global batch
         steps = n // batch  # drop_last, as MAE's training loader: every step sees a full batch
         peak_lr = self.blr * batch / 256  # linear scaling rule (Goyal et al. 2017), as MAE
 
+        fingerprint = None
+        if ckpt is not None:  # before build_model: the digest is of the caller's encoder
+            fingerprint = self._fingerprint(
+                encoder, batch=batch, num_classes=num_classes, train_samples=n,
+                val_samples=0 if val_ds is None else len(val_ds),  # type: ignore[arg-type]
+            )
         model = self.build_model(encoder, num_classes).to(device)
         groups = layer_decay_param_groups(
             model, base_lr=peak_lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay
@@ -469,35 +614,100 @@ class FineTune:
         # Mixup already smooths its soft targets; without it, smoothing goes into the CE (MAE).
         criterion: nn.Module = SoftTargetCrossEntropy() if mixing else nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
 
+        start_epoch = 0
         best_top1, best_epoch, best_state = -math.inf, 0, None
         val_hist: list[float] = []
         train_loss = float("nan")
-        bar = tqdm(total=self.epochs * steps, desc="finetune", disable=not self.progress, leave=False)
+        if ckpt is not None and ckpt.is_file():
+            assert fingerprint is not None
+            state = self._load_state(ckpt, fingerprint)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"])
+            best_top1, best_epoch = float(state["best_top1"]), int(state["best_epoch"])
+            best_state = state["best_state"]
+            if state["best_is_last"]:  # saved once: the selected epoch was the last one done
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            val_hist, train_loss = list(state["val_hist"]), float(state["train_loss"])
+            log.info("finetune: resuming from %s after epoch %d/%d%s", ckpt, start_epoch, self.epochs,
+                     f" (written by {state['world_size']} process(es), now {world})" if state["world_size"] != world else "")
+        if world > 1:
+            # Every process must start from the same epoch: a checkpoint_dir that only some
+            # processes see (no shared file system) would desynchronise the collectives.
+            starts = vdist.all_gather(torch.tensor([start_epoch], device=device))
+            if not bool((starts == start_epoch).all()):
+                raise CheckpointError(
+                    f"processes found different fine-tuning checkpoints in {ckpt} (epochs done: {starts.tolist()}); "
+                    "checkpoint_dir must be on a file system shared by all processes"
+                )
+            # static_graph: the graph is the same every step, and parameters the forward never
+            # uses (e.g. a mask token left trainable by requires_grad_(True)) are then allowed.
+            net: nn.Module = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, static_graph=True
+            )
+        else:
+            net = model
+
+        def save(epochs_done: int) -> None:
+            if ckpt is None:
+                return
+            if rank == 0:
+                best_is_last = best_state is not None and best_epoch == epochs_done
+                save_checkpoint({
+                    "format": _CKPT_FORMAT, "fingerprint": fingerprint, "epoch": epochs_done, "world_size": world,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "best_top1": best_top1, "best_epoch": best_epoch, "best_is_last": best_is_last,
+                    # the selected weights, unless they are the current ones: no second copy then
+                    "best_state": None if best_is_last else best_state,
+                    "val_hist": val_hist, "train_loss": train_loss,
+                }, ckpt)
+            if world > 1:
+                vdist.barrier()  # nobody runs ahead (or returns) before the file is complete
+
+        bar = tqdm(total=(self.epochs - start_epoch) * steps, desc="finetune",
+                   disable=not self.progress or rank != 0, leave=False)
         try:
-            for epoch in range(self.epochs):
+            for epoch in range(start_epoch, self.epochs):
+                if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch:
+                    assert ckpt is not None
+                    raise FineTuneInterrupted(epoch, self.epochs, self.stop_after_epoch, ckpt)
                 model.train()
-                perm = torch.randperm(n, generator=gen)
+                # Every stream is a function of (seed, epoch[, batch, rank]), never of what ran
+                # before: a resumed run replays exactly what the uninterrupted one would have drawn.
+                # Drop path draws from the global torch RNG, per process (decorrelated slices).
+                torch.manual_seed(batch_seed(self.seed, epoch, rank, _DROP_PATH_STREAM))
+                order = torch.Generator().manual_seed(batch_seed(self.seed, epoch, 0, _ORDER_STREAM))
+                perm = torch.randperm(n, generator=order)
                 loss_sum = torch.zeros((), device=device)
                 for b in range(steps):
-                    idx = perm[b * batch : (b + 1) * batch]
+                    idx = perm[b * batch : (b + 1) * batch][lo : lo + per]
                     for g in optimizer.param_groups:
                         g["lr"] = self.lr_at(peak_lr, epoch + b / steps) * g["lr_scale"]
-                    # One seeded generator per batch (same scheme as the pretraining loader), so a
-                    # batch's crops do not depend on what ran before it.
-                    crop_gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b, 0))
-                    x = augment(_fetch(train_ds, idx).to(device, non_blocking=True), crop_gen)[0]
+                    # One seeded generator per global batch (same scheme as the pretraining
+                    # loader), its parameters drawn for the whole batch and cut to our rows: the
+                    # global batch's crops depend neither on what ran before nor on the process count.
+                    crop_gen = torch.Generator().manual_seed(batch_seed(self.seed, epoch, b, _CROP_STREAM))
+                    images = _fetch(train_ds, idx).to(device, non_blocking=True)
+                    x = augment(images, crop_gen, of_batch=batch, start=lo)[0]
                     y: Tensor = labels[idx].to(device)
                     if mixup_fn is not None:
-                        with _numpy_seed(batch_seed(self.seed, epoch, b, 1)):
+                        # Same seed on every process: one lambda / box / mode per global batch.
+                        with _numpy_seed(batch_seed(self.seed, epoch, b, _MIXUP_STREAM)):
                             x, y = mixup_fn(x, y)
                     with self._autocast(device):
-                        logits = model(x)
+                        logits = net(x)
                     loss = criterion(logits.float(), y)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    loss.backward()  # DDP averages the gradients: the mean over the global batch
                     optimizer.step()
                     loss_sum += loss.detach()
                     bar.update(1)
+                if world > 1:
+                    loss_sum = vdist.all_reduce_mean(loss_sum)
+                    # DDP syncs buffers at the start of a forward, so after the last step each
+                    # process holds running statistics from its own slice: make them rank 0's
+                    # before the model is evaluated, copied as the best weights and saved.
+                    vdist.broadcast_buffers(model)
                 train_loss = float(loss_sum) / steps
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(
@@ -513,6 +723,7 @@ class FineTune:
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     bar.set_postfix(loss=f"{train_loss:.3f}")
+                save(epoch + 1)
         finally:
             bar.close()
 
@@ -529,8 +740,8 @@ class FineTune:
             if num_classes >= 5:
                 metrics["finetune/top5"] = top5
         log.info(
-            "finetune (%d epochs, train=%d, batch %d, lr %.3g, layer decay %g): best epoch %d, %s",
-            self.epochs, n, batch, peak_lr, self.layer_decay, best_epoch,
+            "finetune (%d epochs, train=%d, batch %d%s, lr %.3g, layer decay %g): best epoch %d, %s",
+            self.epochs, n, batch, f" = {world} x {per}" if world > 1 else "", peak_lr, self.layer_decay, best_epoch,
             ", ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "finetune/best_epoch"),
         )
         return metrics
