@@ -65,9 +65,10 @@ def mae_rows(name: str, overrides: list[str], batch: int, repeats: int) -> list[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sections", nargs="*", default=["mae"], choices=["mae"])
+    ap.add_argument("sections", nargs="*", choices=[[], "mae"], help="sections to run (default: all)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
+    args.sections = args.sections or ["mae"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 autocast, synthetic images\n")
     if "mae" in args.sections:
         print("| MAE setting | mask ratio | visible patches | encoder GFLOPs / image (fwd) | "
