@@ -197,8 +197,7 @@ def visualize(
         return
     from vfm.viz import render_figures, save_png
 
-    ds = splits.val if splits.val is not None else splits.train
-    images = torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+    images = _first_val_images(splits, n)
     grids = render_figures(encoder, images, mean=splits.mean, std=splits.std)
     if method is not None and hasattr(method, "reconstruct") and masking is not None:
         grids["reconstruction"] = _reconstructions(method, images, splits, masking)
@@ -207,11 +206,16 @@ def visualize(
         logger.log_image(f"viz/{name}", grid, epoch)
 
 
+def _first_val_images(splits: Any, n: int) -> torch.Tensor:
+    """uint8 [n, C, H, W]: the first n validation images (training images without a val split)."""
+    ds = splits.val if splits.val is not None else splits.train
+    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+
+
 def _codebook_report(method: torch.nn.Module, splits: Any, n: int = 5000) -> dict[str, float]:
     from vfm.data.transforms import normalize
 
-    ds = splits.val if splits.val is not None else splits.train
-    images = normalize(torch.stack([ds[i][0] for i in range(min(n, len(ds)))]), splits.mean, splits.std)
+    images = normalize(_first_val_images(splits, n), splits.mean, splits.std)
     report = method.codebook_report(images)
     log.info("codebook on %d validation images: %s", len(images), ", ".join(f"{k}={v:.4g}" for k, v in report.items()))
     return report
@@ -231,7 +235,7 @@ def _reconstructions(method: torch.nn.Module, images: torch.Tensor, splits: Any,
         rec = method.reconstruct(x, mask)
     finally:
         method.train(was_training)
-    return reconstruction_grid(denormalize(x, splits.mean, splits.std), denormalize(rec, splits.mean, splits.std), mask, p)
+    return reconstruction_grid(images, denormalize(rec, splits.mean, splits.std), mask, p)
 
 
 def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:

@@ -76,8 +76,7 @@ def _from_foreign_state(
                                "(e.g. vit_base_patch16_clip_224 for an open_clip ViT-B/16 image tower)")
     from timm.models import vision_transformer
 
-    kwargs = dict(model_kwargs or {})
-    backbone = Backbone(model_name, in_chans=int(kwargs.pop("in_chans", 3)), model_kwargs=kwargs)
+    backbone = Backbone.from_create_kwargs(model_name, model_kwargs or {})
     if backbone.is_vit:  # converts open_clip / OpenAI CLIP / original-repo key layouts to timm's
         state = vision_transformer.checkpoint_filter_fn(state, backbone.model)
     state = {k: v for k, v in state.items() if not k.startswith("head.")}  # classifier heads are not the encoder

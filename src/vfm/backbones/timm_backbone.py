@@ -178,6 +178,13 @@ class Backbone(nn.Module):
 
 
     @classmethod
+    def from_create_kwargs(cls, name: str, create_kwargs: dict[str, Any]) -> Backbone:
+        """A `Backbone` for timm `name` built from `timm.create_model` keywords (`create_kwargs` as
+        stored by `export`: in_chans, img_size, patch_size, ...), without stochastic depth."""
+        kwargs = dict(create_kwargs)
+        return cls(name, in_chans=int(kwargs.pop("in_chans", 3)), model_kwargs=kwargs)
+
+    @classmethod
     def from_exported(cls, path: str | Path) -> Backbone:
         """Rebuild a `Backbone` (with the token API) from a file written by `export`."""
         from safetensors.torch import load_file
@@ -185,8 +192,7 @@ class Backbone(nn.Module):
         meta = exported_metadata(path)
         if meta is None:
             raise ValueError(f"{path} was not written by Backbone.export (no {_META_KEY} metadata)")
-        kwargs = dict(meta["kwargs"])
-        backbone = cls(meta["name"], in_chans=int(kwargs.pop("in_chans", 3)), model_kwargs=kwargs)
+        backbone = cls.from_create_kwargs(meta["name"], meta["kwargs"])
         backbone.model.load_state_dict(load_file(str(path)), strict=True)
         return backbone
 

@@ -54,14 +54,15 @@ class Tokenizer(nn.Module):
 
     def quantize(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         """(code vectors [B, N, d] with straight-through gradient, codes [B, N], commitment loss, stats)."""
-        z = self.encode_task_layer(self.backbone.forward_tokens(images)["patch"])
-        return self.quantizer(z)
+        return self.quantizer(self._pre_quantize(images))
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         """Codes [B, N] (no codebook update, whatever the mode)."""
-        z = self.encode_task_layer(self.backbone.forward_tokens(images)["patch"])
-        return self.quantizer.encode(z)
+        return self.quantizer.encode(self._pre_quantize(images))
+
+    def _pre_quantize(self, images: Tensor) -> Tensor:
+        return self.encode_task_layer(self.backbone.forward_tokens(images)["patch"])
 
     def save(self, path: str | Path) -> Path:
         """One file with the architecture and the weights; `load_tokenizer` rebuilds it."""
@@ -133,8 +134,7 @@ def load_tokenizer(path: str | Path, *, mean: Sequence[float] | None = None, std
         blob = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a tokenizer written by `pretrain method=vq_tokenizer` (format {_FORMAT})")
-        kwargs = dict(blob["backbone"]["kwargs"])
-        backbone = Backbone(blob["backbone"]["name"], in_chans=int(kwargs.pop("in_chans", 3)), model_kwargs=kwargs)
+        backbone = Backbone.from_create_kwargs(blob["backbone"]["name"], blob["backbone"]["kwargs"])
         tok = Tokenizer(backbone, num_codes=blob["num_codes"], code_dim=blob["code_dim"], **blob["quantizer"])
         tok.load_state_dict(blob["state_dict"], strict=True)
     for p in tok.parameters():

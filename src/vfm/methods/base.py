@@ -19,6 +19,17 @@ from torch import nn
 class Method(nn.Module):
     #: True for methods that consume patch tokens (iBOT, MAE, ...); validated before training
     needs_patch_tokens: bool = False
+    #: attributes holding frozen networks (EVA's teacher, BEiT's tokenizer): kept in eval mode
+    #: (no dropout, drop path or BatchNorm updates) whatever mode the method is in
+    frozen_modules: tuple[str, ...] = ()
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        for name in self.frozen_modules:
+            module = getattr(self, name, None)
+            if module is not None:
+                module.eval()
+        return self
 
     @property
     def encoder(self) -> nn.Module:

@@ -32,6 +32,7 @@ class BEiT(Method):
     """
 
     needs_patch_tokens = True
+    frozen_modules = ("tokenizer",)
 
     def __init__(self, backbone: nn.Module, *, tokenizer: str, mean: list[float] | None = None,
                  std: list[float] | None = None) -> None:
@@ -51,11 +52,6 @@ class BEiT(Method):
     @property
     def encoder(self) -> nn.Module:
         return self.backbone
-
-    def train(self, mode: bool = True) -> BEiT:
-        super().train(mode)
-        self.tokenizer.eval()  # frozen
-        return self
 
     def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         if "masks" not in batch:

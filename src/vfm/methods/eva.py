@@ -34,6 +34,7 @@ class EVA(Method):
     """
 
     needs_patch_tokens = True
+    frozen_modules = ("teacher",)
 
     def __init__(self, backbone: nn.Module, *, teacher: str, teacher_model: str | None = None,
                  loss_on: str = "masked") -> None:
@@ -60,11 +61,6 @@ class EVA(Method):
     @property
     def encoder(self) -> nn.Module:
         return self.backbone
-
-    def train(self, mode: bool = True) -> EVA:
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         if "masks" not in batch:

@@ -72,12 +72,12 @@ class MAE(Method):
         """Index bookkeeping of the per-sample mask [B, N] (True = masked, equal count per image):
         ids_keep [B, K] (the visible patches, in patch order) and ids_restore [B, N] (undoes the
         visible-then-masked shuffle)."""
-        counts = (~mask).sum(dim=1)
-        if not bool((counts == counts[0]).all()):
+        lo, hi = torch.stack((~mask).sum(dim=1).aminmax()).tolist()  # one host sync per step
+        if lo != hi:
             raise ValueError("MAE needs the same number of visible patches in every image (use random_masks)")
         ids_shuffle = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # visible first
         ids_restore = torch.argsort(ids_shuffle, dim=1)
-        return ids_shuffle[:, : int(counts[0])], ids_restore
+        return ids_shuffle[:, :hi], ids_restore
 
     def forward_encoder(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         ids_keep, ids_restore = self.random_masking(mask)

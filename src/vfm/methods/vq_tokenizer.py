@@ -47,6 +47,7 @@ class VQTokenizer(Method):
     """
 
     needs_patch_tokens = True
+    frozen_modules = ("teacher",)
 
     def __init__(
         self,
@@ -96,12 +97,6 @@ class VQTokenizer(Method):
     @property
     def encoder(self) -> nn.Module:
         return self.tokenizer.backbone
-
-    def train(self, mode: bool = True) -> VQTokenizer:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # frozen, no dropout / drop path
-        return self
 
     def decode(self, z_q: Tensor, grid: tuple[int, int]) -> Tensor:
         b, n, _ = z_q.shape
