@@ -9,7 +9,9 @@ reads the config, so a bad command fails in about a second.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import inspect
+import logging
 import os
 import sys
 import types
@@ -37,22 +39,72 @@ class ConfigError(ValueError):
     """A config problem, reported with the key and how to fix it."""
 
 
-def run_or_exit(run: Callable[[DictConfig], T], cfg: DictConfig) -> T:
-    """Call an entry point's `run(cfg)`; a ConfigError becomes one line on stderr and exit code 2
-    (a user error: the message says what to change, a traceback would bury it)."""
+def in_multirun() -> bool:
+    """True inside a job of a Hydra sweep (`pretrain -m ...`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _user_facing_errors() -> dict[type[BaseException], tuple[str, int]]:
+    """Errors whose message says what happened and what to do: shown without a traceback.
+
+    Imported here, not at module level: the config checks must not import the training engine.
+    """
+    from vfm.engine.checkpoint import CheckpointError
+    from vfm.engine.preemption import Preempted
+    from vfm.engine.trainer import NonFiniteLossError
+
+    return {ConfigError: ("config error", 2), NonFiniteLossError: ("error", 1), CheckpointError: ("error", 1),
+            Preempted: ("preempted", 0)}
+
+
+def run_or_exit(
+    run: Callable[[DictConfig], T], cfg: DictConfig, on_error: Callable[[BaseException], None] | None = None
+) -> T:
+    """Call an entry point's `run(cfg)`. A user-facing error (a bad config, a diverged loss, an
+    unwritable checkpoint, a stop on a signal) becomes one line on stderr and an exit code: 2 for
+    a config error, 1 for a failed run, 128 + the signal number after a graceful stop. Inside a
+    sweep the error is raised instead, so the sweep records this job as failed and goes on.
+    `on_error(e)` runs first (e.g. requeue a SLURM job after a stop)."""
+    known = _user_facing_errors()
     try:
         return run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    except tuple(known) as e:
+        if on_error is not None:
+            on_error(e)
+        label, code = next(v for k, v in known.items() if isinstance(e, k))
+        code = getattr(e, "exit_code", code)
+        log = logging.getLogger("vfm")
+        if in_multirun():
+            log.error("%s: %s", label, e)
+            raise
+        print(f"{label}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
+
+
+_MAX_RUN_NAME = 200  # file systems allow 255 bytes per name
+
+
+def run_name(override_dirname: str) -> str:
+    """The run folder name for a list of overrides: the overrides themselves ("default" if none).
+
+    A name too long for a file system keeps its first characters and ends with a hash of the
+    whole: two runs that differ only in their last overrides must never share a folder (the
+    second would resume from the first's checkpoint).
+    """
+    name = str(override_dirname).replace("/", "_") or "default"
+    if len(name.encode()) <= _MAX_RUN_NAME:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+    return name.encode()[: _MAX_RUN_NAME - 16].decode(errors="ignore").rstrip("+") + "+hash-" + digest
 
 
 def register_resolvers() -> None:
-    """`${vfm.run_name:${hydra:job.override_dirname}}`: the run folder name ("default" if no overrides)."""
+    """`${vfm.run_name:${hydra:job.override_dirname}}`: the run folder name (see `run_name`)."""
     if not OmegaConf.has_resolver("vfm.run_name"):
-        OmegaConf.register_new_resolver(
-            "vfm.run_name", lambda s: (str(s).replace("/", "_")[:200] or "default")
-        )
+        OmegaConf.register_new_resolver("vfm.run_name", run_name)
 
 
 def _type_ok(value: Any, ann: Any) -> bool:

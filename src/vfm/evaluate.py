@@ -124,7 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.close()
         lines = [f"{k:24s} {v:8.2f}" for k, v in metrics.items()]
         print(f"evaluation of {cfg.checkpoint}:\n" + "\n".join(lines), flush=True)
-    vdist.barrier()
+    vdist.wait_for_main()  # rank 0 may have evaluated alone for a long time
     return metrics
 
 

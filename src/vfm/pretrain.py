@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from vfm.config import (
 )
 from vfm.data.loader import MultiCropCollate
 from vfm.engine.logging import NullLogger
+from vfm.engine.preemption import Preempted, requeue_slurm_job
 from vfm.engine.trainer import select_device
 from vfm.evaluators.suite import run_evaluators
 
@@ -102,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     world = vdist.env_world_size()
     validate_pretrain(cfg, world)  # fails fast: nothing built or read yet
     device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
-    vdist.init_distributed(device_type)
+    vdist.init_distributed(device_type, timeout_s=cfg.trainer.dist_timeout_s)
     rank = vdist.get_rank()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +184,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if any(k.endswith("top1") for k in metrics):
             table = format_table(metrics, method_name)
             log.info("final evaluation (%s):\n%s", run_dir, table)
-    vdist.barrier()
+    vdist.wait_for_main()
     return metrics
 
 
@@ -247,6 +249,14 @@ def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:
         log.info("exported %s", path)
 
 
+def _requeue_after_time_limit(e: BaseException) -> None:
+    """SLURM's time-limit warning (`--signal=USR1@120`) stopped training: put the job back in the
+    queue; the requeued job runs the same command and resumes from the checkpoint just written.
+    SIGTERM (preemption, scancel) is left to SLURM: it requeues preempted jobs itself."""
+    if isinstance(e, Preempted) and e.signum == signal.SIGUSR1 and vdist.get_rank() == 0:
+        requeue_slurm_job()
+
+
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for group in ("method", "optim", "trainer", "backbone"):
@@ -261,7 +271,7 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = run_or_exit(run, cfg)
+        metrics = run_or_exit(run, cfg, on_error=_requeue_after_time_limit)
     finally:
         vdist.destroy()
     # Hydra sweepers (e.g. Optuna) optimise the returned value: the headline metric.

@@ -335,12 +335,14 @@ def build_train_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     drop_last: bool = True,
+    timeout: float = 0.0,
 ) -> tuple[DataLoader, SeededBatchSampler]:
     """A training loader over ``dataset`` with per-batch seeds; returns ``(loader, sampler)``.
 
     ``batch_size`` is per rank. Call ``sampler.set_epoch(epoch, start_batch)`` before iterating
     each epoch. ``collate_fn`` receives ``[(*item, batch_seed), ...]``: ``(image, label, seed)``
-    for an image dataset, ``(image, caption, label, seed)`` for an image–text one.
+    for an image dataset, ``(image, caption, label, seed)`` for an image–text one. ``timeout``
+    (seconds, workers only; 0 = forever) turns a worker stuck on a read into an error.
     """
     n = len(dataset)  # type: ignore[arg-type]
     if drop_last and n < batch_size * world_size:
@@ -361,6 +363,7 @@ def build_train_loader(
         worker_init_fn=_worker_init if num_workers > 0 else None,
         persistent_workers=num_workers > 0,  # no re-fork (and re-copy of the dataset) every epoch
         prefetch_factor=2 if num_workers > 0 else None,
+        timeout=timeout if num_workers > 0 else 0,
         # A private generator: the DataLoader draws its base seed from it, not from (and so
         # without advancing) the global torch RNG that methods use.
         generator=torch.Generator().manual_seed(seed),

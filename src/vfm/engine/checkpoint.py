@@ -1,11 +1,15 @@
 """Atomic checkpoints: write to a temporary file in the same directory, fsync, then rename.
 
 A crash or a kill during `save_checkpoint` leaves either the previous file or the new one, never a
-truncated file (rename is atomic on POSIX file systems).
+truncated file (rename is atomic on POSIX file systems). A write that fails (a full disk) removes
+its temporary file and leaves the previous checkpoint in place. `find_resume_checkpoint` reads the
+newest checkpoint that loads, so a file damaged outside our control (a copy cut short, a bad
+disk) is skipped with a warning instead of ending the run or, worse, being trained from.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -14,21 +18,56 @@ from typing import Any
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(RuntimeError):
     pass
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically; on failure the previous `path` is untouched and the
+    temporary file is removed (a full disk must not also fill it with a torn file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {path}: {e}. The previous {path.name} (if any) is intact; "
+                f"free space in {path.parent} and re-run the same command to resume from it"
+            ) from e
+        raise
+    # the rename itself is durable only once the directory entry is on disk
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some file systems cannot fsync a directory; the rename is still atomic
+        pass
     return path
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete `.NAME.tmp-PID` files left by a process killed while writing (they are never read)."""
+    directory = Path(directory)
+    removed = [p for p in directory.glob(".*.tmp-*") if p.is_file()] if directory.is_dir() else []
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "rng")
@@ -43,6 +82,37 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # a foreign or damaged file: name it
         raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
     return state
+
+
+def find_resume_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable checkpoint in `directory` and its state; None if there is none, an
+    error if there are some but none can be read.
+
+    Candidates are `last.pt` and the periodic `epoch_XXXX.pt`, newest first (by modification
+    time, so `last.pt` wins a tie). One that does not load or lacks the training state (truncated
+    by a copy, damaged on disk) is skipped with a warning naming it, and the next one is used.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    candidates = [p for p in directory.glob("*.pt") if p.name == "last.pt" or p.name.startswith("epoch_")]
+    candidates.sort(key=lambda p: (p.stat().st_mtime_ns, p.name == "last.pt"), reverse=True)
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+            if not isinstance(state, dict):
+                raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a training state")
+            check_keys(state, path)
+        except CheckpointError as e:
+            log.warning("not resuming from %s: %s; trying an older checkpoint", path, e)
+            continue
+        return path, state
+    if candidates:  # starting over would silently throw the run away: let the user decide
+        raise CheckpointError(
+            f"none of the {len(candidates)} checkpoint(s) in {directory} can be read ({', '.join(p.name for p in candidates)}); "
+            "move them away or pass trainer.resume=never to start this run from scratch"
+        )
+    return None
 
 
 def check_keys(state: dict[str, Any], path: str | Path, required: tuple[str, ...] = REQUIRED_KEYS) -> None:

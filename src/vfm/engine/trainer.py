@@ -21,14 +21,17 @@ from vfm import distributed as vdist
 from vfm.data.loader import build_train_loader
 from vfm.engine.checkpoint import (
     check_keys,
+    find_resume_checkpoint,
     load_checkpoint,
     load_model_state,
+    remove_stale_temporaries,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from vfm.engine.logging import NullLogger
 from vfm.engine.optim import OptimSpec, clip_gradients, set_optimizer_values
+from vfm.engine.preemption import DEFAULT_SIGNALS, Preempted, StopOnSignal
 from vfm.engine.schedules import Schedule
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _max_over_processes(value: int, device: torch.device) -> int:
+    """The largest `value` over all processes (`value` itself in a single process)."""
+    if not vdist.is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 class Trainer:
     """Configured under `trainer`.
 
@@ -78,9 +90,16 @@ class Trainer:
         ckpt_every_n_epochs: keep `epoch_XXXX.pt` every N epochs (0: only `last.pt`, which is
             rewritten every epoch).
         ckpt_every_n_steps: also rewrite `last.pt` every N steps (0: off), for long epochs.
-        resume: "auto" (continue from `<run>/checkpoints/last.pt` if present), "never", or a path.
+        resume: "auto" (continue from the newest readable checkpoint in `<run>/checkpoints/`),
+            "never", or a path.
         max_steps: stop after this many optimisation steps (the schedules still span max_epochs).
         progress: tqdm progress bars on rank 0.
+        dist_timeout_s: how long a collective (and the start-up rendezvous) waits for a missing
+            process before the run fails; waits for rank 0's evaluations are not limited by it.
+        data_timeout_s: how long to wait for one batch from a DataLoader worker before failing
+            (0: forever); only with num_workers > 0.
+        stop_signals: signals that stop training gracefully: checkpoint at the next step
+            boundary, then exit (SLURM's time-limit warning, preemption, torchrun's shutdown).
     """
 
     def __init__(
@@ -100,6 +119,9 @@ class Trainer:
         resume: str = "auto",
         max_steps: int | None = None,
         progress: bool = True,
+        dist_timeout_s: float = 600.0,
+        data_timeout_s: float = 600.0,
+        stop_signals: tuple[str, ...] | list[str] = DEFAULT_SIGNALS,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -109,6 +131,7 @@ class Trainer:
         self.log_every_n_steps = log_every_n_steps
         self.ckpt_every_n_epochs, self.ckpt_every_n_steps = ckpt_every_n_epochs, ckpt_every_n_steps
         self.resume, self.max_steps, self.progress = resume, max_steps, progress
+        self.dist_timeout_s, self.data_timeout_s, self.stop_signals = dist_timeout_s, data_timeout_s, tuple(stop_signals)
 
     # ------------------------------------------------------------------ helpers
     def per_process_batch(self, world_size: int) -> int:
@@ -120,13 +143,20 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=device.type, dtype=dtype)
 
-    def _resume_path(self, ckpt_dir: Path) -> Path | None:
+    def _resume_state(self, ckpt_dir: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint to continue from: the newest readable one in the run ("auto"), or the
+        given path (which must be readable: the user asked for that file)."""
         if self.resume in ("never", "", None):
             return None
         if self.resume == "auto":
-            p = ckpt_dir / "last.pt"
-            return p if p.is_file() else None
-        return Path(self.resume)
+            if is_main:
+                for p in remove_stale_temporaries(ckpt_dir):
+                    log.info("removed %s, left by a process killed while writing it", p)
+            return find_resume_checkpoint(ckpt_dir)
+        path = Path(self.resume)
+        state = load_checkpoint(path)
+        check_keys(state, path)
+        return path, state
 
     # ------------------------------------------------------------------ main loop
     def fit(
@@ -159,6 +189,7 @@ class Trainer:
         loader, sampler = build_train_loader(
             train_dataset, batch_size=micro_bs, collate_fn=collate_fn, seed=self.seed, rank=rank,
             world_size=world, num_workers=self.num_workers, pin_memory=device.type == "cuda",
+            timeout=self.data_timeout_s,
         )
         micro_per_epoch = len(sampler) - len(sampler) % self.accum_steps
         steps_per_epoch = micro_per_epoch // self.accum_steps
@@ -185,10 +216,9 @@ class Trainer:
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
         step, history = 0, []
-        resume_from = self._resume_path(ckpt_dir)
-        if resume_from is not None:
-            state = load_checkpoint(resume_from)
-            check_keys(state, resume_from)
+        resumed = self._resume_state(ckpt_dir, is_main)
+        if resumed is not None:
+            resume_from, state = resumed
             load_model_state(method, state["model"], resume_from)
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
@@ -200,6 +230,10 @@ class Trainer:
             set_rng_state(state["rng"])
             step, history = int(state["step"]), list(state.get("history", []))
             log.info("resumed from %s at step %d (epoch %d)", resume_from, step, step // steps_per_epoch)
+            del state
+        # TensorBoard hides what an interrupted run logged after the checkpoint's step (whose own
+        # values were flushed with it): one value per step
+        logger.start(step + 1 if resumed is not None else 0)
 
         model: nn.Module = method
         if world > 1:
@@ -209,106 +243,131 @@ class Trainer:
         if self.compile:
             model = torch.compile(model)
 
-        def checkpoint(name: str) -> None:
+        def checkpoint(name: str) -> Path:
+            path = ckpt_dir / name
             if not is_main:
-                return
+                return path
             state = {
                 "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                 "rng": rng_state(), "history": history, "lr_rule": lr_rule, **(extra_state or {}),
             }
-            save_checkpoint(state, ckpt_dir / name)
+            save_checkpoint(state, path)
+            logger.flush()  # what was logged up to this step survives a kill, and is not logged again
+            return path
 
         last_step = total_steps if self.max_steps is None else min(total_steps, self.max_steps)
         start_epoch = step // steps_per_epoch
         metrics: dict[str, float] = {}
+        n_overflow = 0
+        skipped_files = (lambda: int(train_dataset.num_skipped)) if hasattr(train_dataset, "num_skipped") else None
         method.train()
-        for epoch in range(start_epoch, self.max_epochs):
-            if step >= last_step:
-                break
-            skip_micro = (step - epoch * steps_per_epoch) * self.accum_steps
-            sampler.set_epoch(epoch, start_batch=skip_micro)
-            bar = tqdm(
-                total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{self.max_epochs}",
-                disable=not (is_main and self.progress), dynamic_ncols=True, leave=False,
-            )
-            t_epoch, n_images, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
-            t_log, images_since_log = time.perf_counter(), 0
-            micro = skip_micro
-            for batch in loader:
-                if micro >= micro_per_epoch:
-                    break  # the ragged tail that does not fill an accumulation group
-                sched = {k: v[step] for k, v in sched_values.items()}
-                set_optimizer_values(optimizer, sched["lr"], sched["wd"])
-                batch = to_device(batch, device)
-                last_micro = (micro + 1) % self.accum_steps == 0
-                sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
-                with sync:
-                    with self._autocast(device):
-                        out = model(batch, step, sched)
-                    loss = out["loss"]
-                    loss_value = float(loss.detach())  # one device sync per micro-step, reused below
-                    if vdist.all_reduce_max_flag(not math.isfinite(loss_value), device):
-                        msg = (
-                            f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}) on at least "
-                            f"one process; lower optim.blr, raise optim.warmup_epochs, or use trainer.precision=fp32/bf16"
-                        )
-                        raise NonFiniteLossError(msg)
-                    scaler.scale(loss / self.accum_steps).backward()
-                micro += 1
-                n_images += micro_bs * world
-                images_since_log += micro_bs * world
-                loss_sum += loss_value
-                n_loss += 1
-                if not last_micro:
-                    continue
-                scaler.unscale_(optimizer)
-                grad_norm = clip_gradients(trainable, optim.clip_grad, optim.clip_mode)
-                method.before_optimizer_step(step, sched)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                method.on_step_end(step, sched)
-                step += 1
-                bar.update(1)
-                if step % self.log_every_n_steps == 0 or step == last_step:
-                    now = time.perf_counter()
-                    ips = images_since_log / max(now - t_log, 1e-9)
-                    t_log, images_since_log = now, 0
-                    values = {f"train/{k}": float(v.detach()) for k, v in out.items()}
-                    values.update({f"sched/{k}": v for k, v in sched.items()})
-                    values.update({"train/grad_norm": float(grad_norm), "perf/images_per_s": ips})
-                    logger.log_scalars(values, step)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}", ips=f"{ips:.0f}")
-                if self.ckpt_every_n_steps and step % self.ckpt_every_n_steps == 0:
-                    checkpoint("last.pt")
+        with StopOnSignal(self.stop_signals) as stop:
+            for epoch in range(start_epoch, self.max_epochs):
                 if step >= last_step:
                     break
-            bar.close()
-            epoch_done = step == (epoch + 1) * steps_per_epoch
-            dt = time.perf_counter() - t_epoch
-            summary = {
-                "epoch": epoch + 1, "step": step, "loss": loss_sum / max(n_loss, 1),
-                "images_per_s": n_images / max(dt, 1e-9), "seconds": dt,
-            }
-            if epoch_done and evaluate_fn is not None and eval_every_n_epochs and (epoch + 1) % eval_every_n_epochs == 0 \
-                    and epoch + 1 < self.max_epochs:
-                if is_main:
-                    metrics = evaluate_fn(method.encoder, epoch + 1)
-                    logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
-                    summary.update(metrics)
-                vdist.barrier()
-            history.append(summary)
-            if is_main:
-                extra = " | ".join(f"{k} {v:.2f}" for k, v in summary.items() if "/" in k)
-                log.info(
-                    "epoch %d/%d | step %d | loss %.4f | %.0f img/s | %.1f s%s", epoch + 1, self.max_epochs, step,
-                    summary["loss"], summary["images_per_s"], dt, (" | " + extra) if extra else "",
+                skip_micro = (step - epoch * steps_per_epoch) * self.accum_steps
+                sampler.set_epoch(epoch, start_batch=skip_micro)
+                bar = tqdm(
+                    total=steps_per_epoch, initial=step - epoch * steps_per_epoch, desc=f"epoch {epoch + 1}/{self.max_epochs}",
+                    disable=not (is_main and self.progress), dynamic_ncols=True, leave=False,
                 )
-                logger.log_scalars({"epoch/loss": summary["loss"], "epoch/images_per_s": summary["images_per_s"]}, step)
-            checkpoint("last.pt")
-            if epoch_done and self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0:
-                checkpoint(f"epoch_{epoch + 1:04d}.pt")
-            vdist.barrier()
+                t_epoch, n_images, loss_sum, n_loss = time.perf_counter(), 0, 0.0, 0
+                t_log, images_since_log = time.perf_counter(), 0
+                micro = skip_micro
+                for batch in loader:
+                    if micro >= micro_per_epoch:
+                        break  # the ragged tail that does not fill an accumulation group
+                    sched = {k: v[step] for k, v in sched_values.items()}
+                    set_optimizer_values(optimizer, sched["lr"], sched["wd"])
+                    batch = to_device(batch, device)
+                    last_micro = (micro + 1) % self.accum_steps == 0
+                    sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
+                    with sync:
+                        with self._autocast(device):
+                            out = model(batch, step, sched)
+                        loss = out["loss"]
+                        loss_value = float(loss.detach())  # one device sync per micro-step, reused below
+                        if vdist.all_reduce_max_flag(not math.isfinite(loss_value), device):
+                            msg = (
+                                f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}) on at least "
+                                f"one process; lower optim.blr, raise optim.warmup_epochs, or use trainer.precision=fp32/bf16"
+                            )
+                            raise NonFiniteLossError(msg)
+                        scaler.scale(loss / self.accum_steps).backward()
+                    micro += 1
+                    n_images += micro_bs * world
+                    images_since_log += micro_bs * world
+                    loss_sum += loss_value
+                    n_loss += 1
+                    if not last_micro:
+                        continue
+                    scaler.unscale_(optimizer)
+                    grad_norm = clip_gradients(trainable, optim.clip_grad, optim.clip_mode)
+                    method.before_optimizer_step(step, sched)
+                    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+                    scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
+                    scaler.update()
+                    if scaler.is_enabled() and scaler.get_scale() < scale:
+                        n_overflow += 1
+                        log.debug("fp16: gradient overflow at step %d, update skipped, loss scale %g -> %g",
+                                  step, scale, scaler.get_scale())
+                    optimizer.zero_grad(set_to_none=True)
+                    method.on_step_end(step, sched)
+                    step += 1
+                    bar.update(1)
+                    if step % self.log_every_n_steps == 0 or step == last_step:
+                        now = time.perf_counter()
+                        ips = images_since_log / max(now - t_log, 1e-9)
+                        t_log, images_since_log = now, 0
+                        values = {f"train/{k}": float(v.detach()) for k, v in out.items()}
+                        values.update({f"sched/{k}": v for k, v in sched.items()})
+                        values.update({"train/grad_norm": float(grad_norm), "perf/images_per_s": ips})
+                        if scaler.is_enabled():
+                            values.update({"train/loss_scale": scaler.get_scale(), "train/overflow_steps": n_overflow})
+                        logger.log_scalars(values, step)
+                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched['lr']:.2e}", ips=f"{ips:.0f}")
+                    if self.ckpt_every_n_steps and step % self.ckpt_every_n_steps == 0:
+                        checkpoint("last.pt")
+                    # every process stops after the same step, whichever of them got the signal
+                    signum = _max_over_processes(stop.signum or 0, device)
+                    if signum:
+                        path = checkpoint("last.pt")
+                        vdist.barrier()  # rank 0 has written it before any process exits
+                        raise Preempted(signum, step, str(path))
+                    if step >= last_step:
+                        break
+                bar.close()
+                epoch_done = step == (epoch + 1) * steps_per_epoch
+                dt = time.perf_counter() - t_epoch
+                summary = {
+                    "epoch": epoch + 1, "step": step, "loss": loss_sum / max(n_loss, 1),
+                    "images_per_s": n_images / max(dt, 1e-9), "seconds": dt,
+                }
+                if epoch_done and evaluate_fn is not None and eval_every_n_epochs and (epoch + 1) % eval_every_n_epochs == 0 \
+                        and epoch + 1 < self.max_epochs:
+                    if is_main:
+                        metrics = evaluate_fn(method.encoder, epoch + 1)
+                        logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
+                        summary.update(metrics)
+                    vdist.wait_for_main()
+                if skipped_files is not None:  # corrupt inputs replaced by the dataset (bad_files=skip)
+                    summary["skipped_files"] = skipped_files()
+                history.append(summary)
+                if is_main:
+                    extra = " | ".join(f"{k} {v:.2f}" for k, v in summary.items() if "/" in k)
+                    log.info(
+                        "epoch %d/%d | step %d | loss %.4f | %.0f img/s | %.1f s%s", epoch + 1, self.max_epochs, step,
+                        summary["loss"], summary["images_per_s"], dt, (" | " + extra) if extra else "",
+                    )
+                    logger.log_scalars({"epoch/loss": summary["loss"], "epoch/images_per_s": summary["images_per_s"]}, step)
+                    if summary.get("skipped_files"):
+                        log.warning("%d corrupt training file(s) skipped so far (dataset.bad_files=skip)",
+                                    summary["skipped_files"])
+                        logger.log_scalars({"data/skipped_files": summary["skipped_files"]}, step)
+                checkpoint("last.pt")
+                if epoch_done and self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0:
+                    checkpoint(f"epoch_{epoch + 1:04d}.pt")
+                vdist.barrier()
         return {"step": step, "epoch": step / steps_per_epoch, "history": history, "lr_rule": lr_rule,
                 "finished": step >= total_steps, "steps_per_epoch": steps_per_epoch}

@@ -1,0 +1,83 @@
+"""The trainer's own guarantees on a toy method (the fault tests in tests/test_faults.py run the
+whole `pretrain` entry point)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+import vfm.engine.trainer as vtrainer
+from vfm.data.datasets import TensorImageDataset
+from vfm.engine.optim import OptimSpec
+from vfm.engine.trainer import Trainer
+from vfm.methods.base import Method
+
+
+class Regression(Method):
+    """A linear model on flattened images: the smallest method the trainer can run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 1)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net
+
+    def training_step(self, batch, step, sched):
+        pred = self.net(batch["x"]).float().squeeze(1)
+        return {"loss": (pred - batch["y"]).pow(2).mean()}
+
+
+def collate(samples):
+    x = torch.stack([s[0] for s in samples]).flatten(1).float() / 255
+    return {"x": x, "y": torch.tensor([float(s[1]) for s in samples])}
+
+
+def fit(tmp_path, precision: str, **kw):
+    torch.manual_seed(0)
+    data = TensorImageDataset(torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (64,)))
+    method = Regression()
+    trainer = Trainer(max_epochs=1, batch_size=8, precision=precision, device="cpu", progress=False, **kw)
+    history = []
+    steps = {"n": 0}
+    real_clip = vtrainer.clip_gradients
+
+    def record(params, *a, **k):  # the weights entering each optimizer step
+        history.append(method.net.weight.detach().clone())
+        steps["n"] += 1
+        return real_clip(params, *a, **k)
+
+    vtrainer.clip_gradients = record
+    try:
+        out = trainer.fit(method, data, collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={}, run_dir=tmp_path)
+    finally:
+        vtrainer.clip_gradients = real_clip
+    return out, method, history
+
+
+def test_fp16_overflow_steps_are_skipped_by_the_scaler(tmp_path, monkeypatch, caplog):
+    # a loss scale of 2^19 overflows fp16 gradients: the scaler skips those updates and halves
+    # the scale until the gradients fit, and training goes on (no non-finite-loss stop)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**19))
+    caplog.set_level("DEBUG", logger="vfm.engine.trainer")
+    out, method, before_step = fit(tmp_path, "fp16")
+    skipped = [r.getMessage() for r in caplog.records if "gradient overflow" in r.getMessage()]
+    assert out["step"] == 8 and 1 <= len(skipped) < 8, skipped
+    n = len(skipped)
+    assert "at step 0, update skipped" in skipped[0]
+    # the skipped steps left the weights exactly as they were; the first finite one moved them
+    for i in range(n):
+        assert torch.equal(before_step[i], before_step[0])
+    assert not torch.equal(method.net.weight, before_step[0])
+    state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)
+    assert state["scaler"]["scale"] == pytest.approx(2.0 ** (19 - n))
+
+
+def test_fp32_is_unaffected_by_the_scaler(tmp_path):
+    out, method, before_step = fit(tmp_path, "fp32")
+    assert out["step"] == 8
+    assert all(not torch.equal(a, b) for a, b in zip(before_step, before_step[1:]))
