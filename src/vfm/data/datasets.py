@@ -13,13 +13,19 @@ happen later, batched, in :mod:`vfm.data.transforms` (see :mod:`vfm.data.loader`
 
 Small datasets (MNIST-likes, CIFAR, STL-10, synthetic) are held in memory as one
 :class:`TensorImageDataset` — the fast path: indexing is a tensor slice, there is no decoding.
-Folder datasets (:func:`imagefolder`, :func:`unlabeled_folder`) decode lazily with PIL.
+Folder datasets (:func:`imagefolder`, :func:`unlabeled_folder`) decode lazily with PIL. A file
+that cannot be decoded (truncated, empty, not an image) is only found when it is read, possibly
+hours into a run, so by default (``bad_files="skip"``) it is replaced by the next item, logged
+(logger ``vfm.data``) and counted (:attr:`ImageFileDataset.num_skipped`) instead of killing the
+run; ``bad_files="fail"`` raises :class:`ImageDecodeError` naming the file instead.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import math
+import operator
 import os
 import struct
 from collections.abc import Sequence
@@ -38,6 +44,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "DataSplits",
     "DatasetNotFoundError",
+    "ImageDecodeError",
     "ImageFileDataset",
     "TensorImageDataset",
     "benchmark",
@@ -80,6 +87,20 @@ FASHION_MNIST_CLASSES = [
     "Ankle boot",
 ]
 MNIST_CLASSES = [str(i) for i in range(10)]
+
+log = logging.getLogger("vfm.data")
+
+# What ImageFileDataset does with an undecodable file (dataset.bad_files).
+BAD_FILE_POLICIES: tuple[str, ...] = ("skip", "fail")
+# How many consecutive undecodable items "skip" tolerates before concluding that the data (or its
+# mount) is broken rather than sprinkled with odd bad files.
+_MAX_CONSECUTIVE_BAD = 16
+# How many skips are always logged; after that only every power of two (the log must not flood,
+# but the growing count must keep appearing).
+_N_LOGGED = 5
+# Slots of the shared skip counter: one per DataLoader worker (+1 for the main process), so each
+# slot has a single writer and no increment is lost to a race between processes.
+_COUNTER_SLOTS = 257
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +163,14 @@ class TensorImageDataset(Dataset):
         return f"TensorImageDataset(n={n}, shape=[{c},{h},{w}])"
 
 
+def _check_bad_files(bad_files: str) -> None:
+    if bad_files not in BAD_FILE_POLICIES:
+        raise ValueError(
+            f"dataset.bad_files must be one of {', '.join(repr(p) for p in BAD_FILE_POLICIES)}, got {bad_files!r} "
+            "('skip': replace an undecodable image by the next item and count it; 'fail': stop with an error)"
+        )
+
+
 class ImageFileDataset(Dataset):
     """Lazily decoded image files, each returned as uint8 ``[C, crop, crop]``.
 
@@ -150,32 +179,121 @@ class ImageFileDataset(Dataset):
     fixed output size makes batches stackable; for pretraining ``crop == resize`` (``load_size``)
     and the multi-crop augmentation then samples its random resized crops from that square
     image, for evaluation ``crop == img_size`` (the standard "resize 256, centre-crop 224").
+
+    ``bad_files`` says what an undecodable file (:class:`ImageDecodeError`: truncated, empty, not
+    an image, unreadable) does. ``"fail"`` raises, naming the file. ``"skip"`` returns the next
+    item instead (``(i + 1) % n``, then ``i + 2``, ...; with that item's label): deterministic, so
+    batches keep their size, every process agrees and a resumed run sees the same data. Every
+    failed decode is logged (the first few, then at powers of two) and counted in
+    :attr:`num_skipped`; 16 failures in a row (``_MAX_CONSECUTIVE_BAD``) raise ``RuntimeError``,
+    because then the data set (or its mount) is broken, not sprinkled with odd bad files.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], *, resize: int, crop: int, in_chans: int) -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        *,
+        resize: int,
+        crop: int,
+        in_chans: int,
+        bad_files: str = "skip",
+    ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"ImageFileDataset: in_chans must be 1 or 3, got {in_chans}")
         if not 0 < crop <= resize:
             raise ValueError(f"ImageFileDataset: need 0 < crop <= resize, got crop={crop}, resize={resize}")
+        _check_bad_files(bad_files)
         self.samples = list(samples)
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
         self.resize = resize
         self.crop = crop
         self.in_chans = in_chans
+        self.bad_files = bad_files
+        # Skip counts in shared memory, created here so that DataLoader workers write into the
+        # same storage the main process reads: fork inherits the mapping, and spawn pickles the
+        # dataset with torch's reductions, which pass shared storage by handle, not by copy.
+        # One slot per worker (see _slot) keeps every increment race-free without a lock.
+        self._skips = torch.zeros(_COUNTER_SLOTS, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def num_skipped(self) -> int:
+        """How many times an undecodable file was replaced, summed over this process and its DataLoader workers.
+
+        A skip event per failed read: a bad file read in two epochs counts twice, and item ``i``
+        replaced by a bad ``i + 1`` counts both.
+        """
+        return int(self._skips.sum())
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        n = len(self)
+        i = operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for ImageFileDataset of length {n}")
+        i %= n
+        if self.bad_files == "fail":
+            try:
+                return self._load(i)
+            except ImageDecodeError as e:
+                raise ImageDecodeError(
+                    f"{e}. To skip undecodable images instead (each is replaced by the next item, logged and "
+                    "counted), set dataset.bad_files=skip"
+                ) from e
+        errors = []
+        for t in range(min(_MAX_CONSECUTIVE_BAD, n)):
+            j = (i + t) % n
+            try:
+                return self._load(j)
+            except ImageDecodeError as e:
+                errors.append(str(e))
+                self._count_skip(e, (j + 1) % n)
+        raise RuntimeError(
+            f"ImageFileDataset: {len(errors)} consecutive items from index {i} failed to decode, so the data looks "
+            f"corrupt, not just an odd bad file: {'; '.join(errors[:_N_LOGGED])}. Check the files under dataset.root "
+            "(is the disk or mount healthy?)."
+        )
+
+    def _load(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
         return load_image(path, resize=self.resize, crop=self.crop, in_chans=self.in_chans), label
 
+    @staticmethod
+    def _slot() -> int:
+        """This process's counter slot: 0 in the main process, ``1 + worker id`` in a DataLoader worker."""
+        from torch.utils.data import get_worker_info
+
+        info = get_worker_info()
+        return 0 if info is None else 1 + info.id % (_COUNTER_SLOTS - 1)
+
+    def _count_skip(self, error: ImageDecodeError, replacement: int) -> None:
+        self._skips[self._slot()] += 1
+        c = self.num_skipped
+        if c <= _N_LOGGED or c & (c - 1) == 0:
+            log.warning(
+                "ImageFileDataset: %s; using item %d instead (dataset.bad_files=skip). %d undecodable image(s) "
+                "skipped so far",
+                error, replacement, c,
+            )
+
     def __repr__(self) -> str:
-        return f"ImageFileDataset(n={len(self)}, resize={self.resize}, crop={self.crop}, in_chans={self.in_chans})"
+        return (
+            f"ImageFileDataset(n={len(self)}, resize={self.resize}, crop={self.crop}, in_chans={self.in_chans}, "
+            f"bad_files={self.bad_files!r})"
+        )
 
 
 class DatasetNotFoundError(FileNotFoundError):
     """Raised when a dataset's files cannot be found; the message lists where we looked and the fixes."""
+
+
+class ImageDecodeError(OSError):
+    """One image file cannot be read or decoded (truncated, empty, not an image); the message names it.
+
+    An ``OSError`` (what PIL raises for most broken files), so ``except OSError`` still catches it;
+    its own class lets :class:`ImageFileDataset` skip exactly the decode failures and nothing else.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,25 +646,34 @@ def stl10(
 
 
 def load_image(path: str | os.PathLike, *, resize: int, crop: int, in_chans: int) -> Tensor:
-    """Decode one image file to uint8 ``[in_chans, crop, crop]``: shorter side to ``resize``, centre crop."""
+    """Decode one image file to uint8 ``[in_chans, crop, crop]``: shorter side to ``resize``, centre crop.
+
+    A file that cannot be decoded raises :class:`ImageDecodeError` naming it, whatever PIL raised:
+    ``OSError`` (``UnidentifiedImageError`` for empty or non-image files, "image file is truncated"),
+    but some plugins raise ``ValueError``, ``SyntaxError`` or ``EOFError``, and absurd sizes
+    ``DecompressionBombError``. Only the reading and decoding is guarded, so a bug elsewhere is
+    not mistaken for a bad file. Truncated files fail because every pixel is decoded inside the
+    guard (PIL decodes lazily) and ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` stays False: setting it
+    would make PIL pad truncated images with grey instead of raising.
+    """
     from PIL import Image
 
+    decode_errors = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB" if in_chans == 3 else "L")
-            w, h = img.size
-            scale = resize / min(w, h)
-            # Shorter side exactly `resize`, the longer one rounded (so the crop always fits).
-            new_w, new_h = (
-                (resize, max(resize, round(h * scale))) if w <= h else (max(resize, round(w * scale)), resize)
-            )
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), Image.BILINEAR)
-            left, top = (new_w - crop) // 2, (new_h - crop) // 2
-            img = img.crop((left, top, left + crop, top + crop))
-            array = np.asarray(img, dtype=np.uint8)
-    except OSError as e:  # PIL's UnidentifiedImageError / truncated files: say which file
-        raise OSError(f"cannot decode image {path}: {e}") from e
+        with Image.open(path) as file:
+            file.load()  # decode everything now, while a failure still means "this file is bad"
+            img = file.convert("RGB" if in_chans == 3 else "L")
+    except decode_errors as e:
+        raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    w, h = img.size
+    scale = resize / min(w, h)
+    # Shorter side exactly `resize`, the longer one rounded (so the crop always fits).
+    new_w, new_h = (resize, max(resize, round(h * scale))) if w <= h else (max(resize, round(w * scale)), resize)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - crop) // 2, (new_h - crop) // 2
+    img = img.crop((left, top, left + crop, top + crop))
+    array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -597,6 +724,7 @@ def imagefolder(
     val_fraction: float = 0.01,
     seed: int = 0,
     num_classes: int | None = None,
+    bad_files: str = "skip",
 ) -> DataSplits:
     """A class-subfolder tree (``root/train/<class>/**/img``), e.g. ImageNet, decoded lazily.
 
@@ -604,9 +732,11 @@ def imagefolder(
     crop): multi-crop samples its random crops from them. ``val`` (a seeded ``val_fraction`` of
     ``root/train_dir``) and ``test`` (``root/test_dir`` if it exists, else None) are the standard
     evaluation view: resize to ``load_size``, centre-crop ``img_size``. ``num_classes`` None means
-    "as many as there are class folders"; an int is checked against them.
+    "as many as there are class folders"; an int is checked against them. ``bad_files`` ("skip" or
+    "fail") is what every split does with an undecodable image (see :class:`ImageFileDataset`).
     """
     _check_size(img_size, load_size, in_chans)
+    _check_bad_files(bad_files)
     mean_t, std_t = _stats(mean, std, in_chans)
     train_path = Path(root) / train_dir
     if not train_path.is_dir():
@@ -627,19 +757,22 @@ def imagefolder(
         )
     train_idx, val_idx = _split_indices(len(samples), val_fraction, seed)
     train = ImageFileDataset(
-        [samples[i] for i in train_idx.tolist()], resize=load_size, crop=load_size, in_chans=in_chans
+        [samples[i] for i in train_idx.tolist()], resize=load_size, crop=load_size, in_chans=in_chans,
+        bad_files=bad_files,
     )
     val = None
     if len(val_idx):
         val = ImageFileDataset(
-            [samples[i] for i in val_idx.tolist()], resize=load_size, crop=img_size, in_chans=in_chans
+            [samples[i] for i in val_idx.tolist()], resize=load_size, crop=img_size, in_chans=in_chans,
+            bad_files=bad_files,
         )
     test = None
     test_path = Path(root) / test_dir
     if test_dir and test_path.is_dir() and test_path.resolve() != train_path.resolve():
         test_samples, _ = _class_folder_samples(test_path, {c: i for i, c in enumerate(class_names)})
         if test_samples:
-            test = ImageFileDataset(test_samples, resize=load_size, crop=img_size, in_chans=in_chans)
+            test = ImageFileDataset(test_samples, resize=load_size, crop=img_size, in_chans=in_chans,
+                                    bad_files=bad_files)
     return DataSplits(train=train, val=val, test=test, img_size=img_size, in_chans=in_chans, mean=mean_t,
                       std=std_t, num_classes=len(class_names), class_names=class_names)
 
@@ -654,13 +787,16 @@ def unlabeled_folder(
     std: Sequence[float] = IMAGENET_STD,
     num_classes: int = 0,
     extensions: Sequence[str] = IMG_EXTENSIONS,
+    bad_files: str = "skip",
 ) -> DataSplits:
     """Every image anywhere under ``root`` (recursive), unlabelled (label -1), for pretraining only.
 
     Images are ``load_size`` squares as in :func:`imagefolder`; ``val``/``test`` are None.
-    ``num_classes`` exists only so every dataset config defines it; it must be 0.
+    ``num_classes`` exists only so every dataset config defines it; it must be 0. ``bad_files``
+    ("skip" or "fail") is what an undecodable image does (see :class:`ImageFileDataset`).
     """
     _check_size(img_size, load_size, in_chans)
+    _check_bad_files(bad_files)
     mean_t, std_t = _stats(mean, std, in_chans)
     if num_classes != 0:
         raise ValueError(f"dataset.num_classes must be 0 for an unlabelled folder, got {num_classes}")
@@ -674,7 +810,8 @@ def unlabeled_folder(
         raise DatasetNotFoundError(
             f"unlabeled_folder: found no images with extensions {', '.join(extensions)} under {root_path} (searched recursively)"
         )
-    train = ImageFileDataset([(str(p), -1) for p in files], resize=load_size, crop=load_size, in_chans=in_chans)
+    train = ImageFileDataset([(str(p), -1) for p in files], resize=load_size, crop=load_size, in_chans=in_chans,
+                             bad_files=bad_files)
     return DataSplits(train=train, val=None, test=None, img_size=img_size, in_chans=in_chans, mean=mean_t,
                       std=std_t, num_classes=0, class_names=[])
 
