@@ -116,3 +116,14 @@ def test_run_directory_names_can_be_passed_back_as_overrides():
                                                                   ("optim.blr", "0.001")])
     parsed = OverridesParser.create().parse_override(f"method.teacher=outputs/pretrain/{name}")
     assert parsed.value() == f"outputs/pretrain/{name}"
+
+
+def test_long_run_names_stay_distinct():
+    from vfm.config import run_name
+
+    common = "+".join(f"method.key_{i}-{i}" for i in range(30))  # far beyond a file name's length
+    a, b = run_name(common + "+optim.blr-0.001"), run_name(common + "+optim.blr-0.002")
+    assert a != b and len(a.encode()) <= 200 and len(b.encode()) <= 200
+    assert a.startswith("method.key_0-0+") and "+hash-" in a
+    assert run_name("optim.blr-0.001") == "optim.blr-0.001" and run_name("") == "default"
+    assert run_name(common) == run_name(common)  # the same command finds the same directory
