@@ -7,9 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 CKPT ?= outputs/pretrain/default/checkpoints/last.pt
+SWEEP ?= multirun/pretrain
 
 .DEFAULT_GOAL := help
-.PHONY: help install data pretrain evaluate visualize test test-fast lint bench tensorboard clean
+.PHONY: help install data pretrain evaluate visualize test test-fast test-faults golden report lint bench tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,6 +44,16 @@ test-fast: $(STAMP) ## the tests without the slow (multi-process) ones
 
 bench: $(STAMP) ## benchmarks on synthetic data (MAE encoder cost vs mask ratio, ...)
 	$(BIN)/python scripts/bench.py
+
+test-faults: $(STAMP) ## only the fault tests (kill -9, torn files, NaN on one rank, hangs, sweeps); part of `make test`
+	$(BIN)/pytest tests/test_faults.py tests/engine tests/data/test_corrupt_inputs.py tests/test_golden.py tests/test_slurm.py
+
+golden: $(STAMP) ## rewrite the golden per-step losses after a deliberate change (review the diff!)
+	VFM_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_golden.py
+	git diff --stat tests/golden
+
+report: $(STAMP) ## results table + plot of a sweep: make report SWEEP=multirun/pretrain
+	$(BIN)/python scripts/collect_results.py $(SWEEP)
 
 lint: $(STAMP) ## ruff
 	$(BIN)/ruff check src tests scripts
