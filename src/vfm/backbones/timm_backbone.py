@@ -19,9 +19,20 @@ from typing import Any
 
 import timm
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 _META_KEY = "vfm_backbone"
+
+
+def select_attention(module: nn.Module, attn_impl: str, device_type: str) -> None:
+    """Set every timm attention layer in `module` to fused SDPA or plain ops: "fused", "manual",
+    or "auto" (fused on accelerators; plain ops on the CPU, where PyTorch's fused CPU kernel is
+    slower for the short sequences of small images, its backward most of all)."""
+    fused = attn_impl == "fused" or (attn_impl == "auto" and device_type != "cpu")
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
 
 
 class Backbone(nn.Module):
@@ -38,6 +49,9 @@ class Backbone(nn.Module):
             "auto": fused on GPU, manual on CPU, where PyTorch's fused CPU kernels are slower for the
             short token sequences of small images (measured in `make bench`).
         pretrained: load timm's pretrained weights (needs network access on first use).
+        grad_checkpointing: recompute each transformer block's activations in the backward pass
+            instead of storing them (activation checkpointing): much less activation memory for
+            large ViTs, for about one more forward pass of compute. Training only.
         model_kwargs: any further `timm.create_model` keyword (e.g. `depth`, `embed_dim`, `reg_tokens`).
     """
 
@@ -52,6 +66,7 @@ class Backbone(nn.Module):
         mask_token: bool = False,
         attn_impl: str = "auto",
         pretrained: bool = False,
+        grad_checkpointing: bool = False,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -81,6 +96,9 @@ class Backbone(nn.Module):
         else:
             self.patch_size, self.num_prefix_tokens = None, 0
         self.has_patch_tokens = self.is_vit
+        self.grad_checkpointing = grad_checkpointing
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)  # timm's own forward (CNNs, `forward`)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token and self.is_vit else None
         if self.mask_token is not None:
             nn.init.normal_(self.mask_token, std=0.02)
@@ -110,11 +128,17 @@ class Backbone(nn.Module):
     def _select_attention(self, device: torch.device) -> None:
         if self._attn_device == device.type:
             return
-        fused = self.attn_impl == "fused" or (self.attn_impl == "auto" and device.type != "cpu")
-        for m in self.model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused
+        select_attention(self.model, self.attn_impl, device.type)
         self._attn_device = device.type
+
+    def _blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """The transformer blocks, each checkpointed when `grad_checkpointing` and gradients are on
+        (non-reentrant: drop path draws the same random numbers when the block is recomputed)."""
+        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
+            return self.model.blocks(t)
+        for block in self.model.blocks:
+            t = torch.utils.checkpoint.checkpoint(block, t, use_reentrant=False)
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Global feature [B, D] (the [CLS] token after the final norm for ViTs, pooled for CNNs)."""
@@ -139,7 +163,7 @@ class Backbone(nn.Module):
             flat = torch.where(mask.reshape(t.shape[0], -1, 1), self.mask_token.to(flat.dtype), flat)
             t = flat.reshape(t.shape)
         t = m.norm_pre(m.patch_drop(m._pos_embed(t)))
-        t = m.norm(m.blocks(t))
+        t = m.norm(self._blocks(t))
         return {
             "global": m.forward_head(t, pre_logits=True),
             "patch": t[:, self.num_prefix_tokens :],
@@ -160,7 +184,7 @@ class Backbone(nn.Module):
         t = m._pos_embed(m.patch_embed(x))  # [B, P + N, D]
         idx = ids_keep.unsqueeze(-1).expand(-1, -1, t.shape[-1])
         t = torch.cat([t[:, :p], torch.gather(t[:, p:], 1, idx)], dim=1)
-        t = m.norm(m.blocks(m.norm_pre(t)))
+        t = m.norm(self._blocks(m.norm_pre(t)))
         return {"tokens": t, "global": m.forward_head(t, pre_logits=True)}
 
     def export(self, path: str | Path) -> Path:

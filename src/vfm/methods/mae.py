@@ -60,6 +60,7 @@ class MAE(Method):
         self.decoder = MAEDecoder(
             backbone.embed_dim, self.patch_size**2 * self.in_chans, decoder_dim=decoder_dim, depth=decoder_depth,
             num_heads=decoder_heads, mlp_ratio=mlp_ratio, num_prefix_tokens=backbone.num_prefix_tokens,
+            attn_impl=getattr(backbone, "attn_impl", "auto"),
         )
         self.loss_fn = MAELoss(norm_pix_loss)
 

@@ -91,7 +91,8 @@ class VQTokenizer(Method):
         else:
             out_dim = self.patch_size**2 * self.in_chans
         self.decoder = MAEDecoder(code_dim, out_dim, decoder_dim=decoder_dim, depth=decoder_depth,
-                                  num_heads=decoder_heads, num_prefix_tokens=0)
+                                  num_heads=decoder_heads, num_prefix_tokens=0,
+                                  attn_impl=getattr(backbone, "attn_impl", "auto"))
         self.pixel_loss = MAELoss(norm_pix_loss=True)
 
     @property
