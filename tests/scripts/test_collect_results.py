@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "collect_results.py"
+from script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def cr():
-    """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("collect_results", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from load_script("collect_results")
 
 
 def make_job(job_dir: Path, overrides: list[str], metrics: dict | None = None) -> Path:

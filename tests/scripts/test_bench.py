@@ -1,0 +1,89 @@
+"""scripts/bench.py, the benchmark harness: `--quick` on the CPU writes sane numbers, and the FLOP
+counting behind MFU counts a real forward + backward (also through PyTorch's CPU SDPA kernel)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from script_loader import load_script
+from torch import nn
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from load_script("bench")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core box: OpenMP barriers of 2 threads cost more than the work."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_quick_throughput_json(bench, tmp_path, one_thread):
+    bench.main(["peak", "throughput", "--quick", "--device", "cpu", "--methods", "dino,mae", "--out", str(tmp_path),
+                "--strict"])
+    report = json.loads((tmp_path / "bench-cpu-quick.json").read_text())
+    assert report["device"] == "cpu" and report["torch"] == torch.__version__
+    peaks = {r["precision"]: r["tflops"] for r in report["sections"]["peak"]["rows"]}
+    assert set(peaks) == {"fp32", "bf16"} and min(peaks.values()) > 0
+    rows = {r["method"]: r for r in report["sections"]["throughput"]["rows"]}
+    assert set(rows) == {"dino", "mae"}
+    for r in rows.values():
+        assert "error" not in r, r.get("error")
+        assert r["img_s"] > 0 and 0 < r["img_s_with_data"] <= r["img_s"]
+        assert r["flops_per_img"] > 0 and r["achieved_tflops"] > 0
+        assert 0 < r["mfu"] < 1  # a fraction of the measured bf16 peak
+        assert r["peak_tflops"] == pytest.approx(peaks["bf16"])
+        assert 0 <= r["data_share"] <= 1
+        assert r["batch"] == 16 and r["peak_mem_mib"] >= 0
+    # DINO's step (teacher forward + student on 4 crops) is more work per image than MAE's (1 view, 25% visible)
+    assert rows["dino"]["flops_per_img"] > rows["mae"]["flops_per_img"]
+    md = (tmp_path / "bench-cpu-quick.md").read_text()
+    assert "MFU vs measured bf16 peak" in md and torch.__version__ in md
+
+
+def test_flops_count_forward_and_backward(bench):
+    lin = nn.Linear(64, 32, bias=False)
+    x = torch.randn(8, 64, requires_grad=True)
+    fwd = 2 * 8 * 64 * 32  # 2*M*N*K
+    assert bench.count_step_flops(lambda: lin(x)) == fwd
+    # backward: the gradients of the input and of the weight, one product each
+    assert bench.count_step_flops(lambda: lin(x).sum().backward()) == 3 * fwd
+    x.requires_grad_(False)  # a first layer: no input gradient, so 2x
+    assert bench.count_step_flops(lambda: lin(x).sum().backward()) == 2 * fwd
+
+
+def test_cpu_sdpa_flops_match_plain_attention(bench):
+    from timm.models.vision_transformer import Attention
+
+    attn = Attention(32, num_heads=2)
+    x = torch.randn(2, 17, 32, requires_grad=True)
+    counts = {}
+    for fused in (False, True):
+        attn.fused_attn = fused
+        counts[fused] = bench.count_step_flops(lambda: attn(x).sum().backward())
+    assert counts[True] > 0
+    assert counts[True] == pytest.approx(counts[False], rel=0.05)
+
+
+def test_batch_spec(bench):
+    assert bench.parse_batch("64") == (64, {})
+    assert bench.parse_batch("dino=64,mae=256") == (None, {"dino": 64, "mae": 256})
+    assert bench.parse_batch("32,dino=8") == (32, {"dino": 8})
+    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert bench.datasheet_peak("NVIDIA H200", "bf16") == 989.0
+    assert bench.datasheet_peak("NVIDIA H100 PCIe", "bf16") is None
+
+
+def test_gpu_check_script_parses():
+    subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")], check=True)
