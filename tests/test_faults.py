@@ -276,7 +276,6 @@ FOLDER = [o for o in TINY if not o.startswith("dataset=")] + [
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_files_are_skipped_and_counted(workers, tmp_path):
     from conftest import compose_cfg
-
     from vfm import pretrain as vpretrain
 
     _image_folder(tmp_path / "images")
@@ -289,7 +288,6 @@ def test_corrupt_files_are_skipped_and_counted(workers, tmp_path):
 
 def test_corrupt_file_fails_naming_it_with_policy_fail(tmp_path):
     from conftest import compose_cfg
-
     from vfm import pretrain as vpretrain
 
     _image_folder(tmp_path / "images")

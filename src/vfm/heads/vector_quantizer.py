@@ -157,6 +157,10 @@ class VectorQuantizer(nn.Module):
         z = z.float()
         return F.normalize(z, dim=-1) if self.l2_norm else z
 
+    # Always eager, also under trainer.compile: the forward updates the codebook buffers in place
+    # (EMA, k-means, restarts), which a compiled graph's saved tensors do not survive ("modified by
+    # an inplace operation" in backward). The quantizer is a small part of a step.
+    @torch.compiler.disable
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """z [..., D] -> (straight-through z_q [..., D] float32, codes [...] long, commitment loss, stats).
 
