@@ -476,16 +476,6 @@ def count_step_flops(fn: Callable[[], Any]) -> int:
     return int(fc.get_total_flops())
 
 
-def _to_channels_last(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 else batch
-    if isinstance(batch, dict):
-        return {k: _to_channels_last(v) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_channels_last(v) for v in batch)
-    return batch
-
-
 def _encode_all(mae: torch.nn.Module) -> Callable:
     """MAE's forward_encoder with the encoder on every patch: the visible tokens are picked after
     the encoder, so the decoder and the loss see exactly what they see normally."""
@@ -507,7 +497,7 @@ def _measure(ctx: Context, spec: Spec) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from vfm.engine.optim import clip_gradients, set_optimizer_values
-    from vfm.engine.trainer import to_device
+    from vfm.engine.trainer import channels_last_batch, to_device
     from vfm.pretrain import build_method
 
     device, args = ctx.device, ctx.args
@@ -548,7 +538,7 @@ def _measure(ctx: Context, spec: Spec) -> dict[str, Any]:
             batches.append(b)
         batches = [to_device(b, device) for b in batches]
         if spec.channels_last:
-            batches = [_to_channels_last(b) for b in batches]
+            batches = [channels_last_batch(b) for b in batches]  # as the trainer does
         out["data_s"] = sum(data_s) / len(data_s) if spec.measure_data else None
 
         # (b) compute: one optimisation step as Trainer.fit runs it

@@ -227,6 +227,15 @@ def all_reduce_max_flag(flag: bool, device: torch.device | str = "cpu") -> bool:
     return bool(t.item() > 0)
 
 
+def all_reduce_max_int(value: int, device: torch.device | str = "cpu") -> int:
+    """The largest `value` over all processes (e.g. the number of a signal one of them received)."""
+    if not is_dist():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]

@@ -85,7 +85,7 @@ def test_fp32_is_unaffected_by_the_scaler(tmp_path):
 
 def test_channels_last_converts_image_batches_only():
     batch = {"crops": [torch.randn(2, 3, 8, 8)], "label": torch.tensor([0, 1]), "tokens": torch.randint(0, 9, (2, 1, 4, 4))}
-    out = vtrainer._channels_last(batch)
+    out = vtrainer.channels_last_batch(batch)
     assert out["crops"][0].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out["crops"][0], batch["crops"][0])
     assert out["tokens"].is_contiguous()  # integer tensors are left alone

@@ -48,10 +48,16 @@ class VfmSweeperConf:
 ConfigStore.instance().store(group="hydra/sweeper", name="vfm", node=VfmSweeperConf, provider="vfm")
 
 
-def _validator(task: str):
+def _validate(cfg: DictConfig) -> None:
+    """The checks a single run of the job's task makes before it starts (pretrain / evaluate)."""
     from vfm import config as vconfig
+    from vfm import distributed as vdist
 
-    return {"pretrain": vconfig.validate_pretrain, "evaluate": vconfig.validate_evaluate}.get(task)
+    task, task_cfg = str(cfg.get("task", "")), OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    if task == "pretrain":
+        vconfig.validate_pretrain(task_cfg, vdist.env_world_size())
+    elif task == "evaluate":
+        vconfig.validate_evaluate(task_cfg)
 
 
 class VfmSweeper(Sweeper):
@@ -92,13 +98,7 @@ class VfmSweeper(Sweeper):
                 cfg.hydra.runtime.output_dir = str(out.resolve())
             HydraConfig.instance().set_config(cfg)
             if self.validate:
-                validate = _validator(str(cfg.get("task", "")))
-                if validate is not None:
-                    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
-                    if validate is _validator("pretrain"):
-                        validate(task_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-                    else:
-                        validate(task_cfg)
+                _validate(cfg)
         finally:
             HydraConfig.instance().cfg = saved  # type: ignore[assignment]
         return cfg, out

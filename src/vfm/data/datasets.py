@@ -90,6 +90,15 @@ MNIST_CLASSES = [str(i) for i in range(10)]
 
 log = logging.getLogger("vfm.data")
 
+# What a corrupt image can raise while being decoded: PIL raises OSError (UnidentifiedImageError,
+# truncated files), but also ValueError/SyntaxError/EOFError from some plugins, and
+# DecompressionBombError (an Exception subclass) for absurd sizes.
+try:
+    from PIL.Image import DecompressionBombError as _BombError
+except ImportError:  # pragma: no cover - very old Pillow
+    _BombError = OSError  # type: ignore[assignment,misc]
+DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, _BombError)
+
 # What ImageFileDataset does with an undecodable file (dataset.bad_files).
 BAD_FILE_POLICIES: tuple[str, ...] = ("skip", "fail")
 # How many consecutive undecodable items "skip" tolerates before concluding that the data (or its
@@ -658,12 +667,11 @@ def load_image(path: str | os.PathLike, *, resize: int, crop: int, in_chans: int
     """
     from PIL import Image
 
-    decode_errors = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
     try:
         with Image.open(path) as file:
             file.load()  # decode everything now, while a failure still means "this file is bad"
             img = file.convert("RGB" if in_chans == 3 else "L")
-    except decode_errors as e:
+    except DECODE_ERRORS as e:
         raise ImageDecodeError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
     w, h = img.size
     scale = resize / min(w, h)

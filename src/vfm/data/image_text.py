@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from vfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DataSplits, _stats, benchmark, load_image
+from vfm.data.datasets import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, DataSplits, _stats, benchmark, load_image
 from vfm.data.prompts import CAPTION_TEMPLATES, FASHION_MNIST_CLASS_NAMES_NATURAL
 
 __all__ = [
@@ -64,14 +64,8 @@ log = logging.getLogger("vfm.data")
 _MAX_DECODE_TRIES = 8
 # How many offending rows/files an error or warning message lists.
 _N_EXAMPLES = 5
-# What a corrupt image (or caption bytes) can raise while being decoded: PIL raises OSError
-# (UnidentifiedImageError, truncated files), but also ValueError/SyntaxError/EOFError from some
-# plugins, and DecompressionBombError (an Exception subclass) for absurd sizes.
-try:
-    from PIL.Image import DecompressionBombError as _BombError
-except ImportError:  # pragma: no cover - very old Pillow
-    _BombError = OSError  # type: ignore[assignment,misc]
-_DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, _BombError)
+# What a corrupt image (or caption bytes) can raise while being decoded (datasets.DECODE_ERRORS).
+_DECODE_ERRORS = DECODE_ERRORS
 
 
 def _check_common(img_size: int, in_chans: int, max_bad_fraction: float, who: str) -> None:

@@ -65,24 +65,15 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _channels_last(batch: Any) -> Any:
+def channels_last_batch(batch: Any) -> Any:
     """4-D float tensors of a batch (images, crops) in NHWC memory format."""
     if isinstance(batch, torch.Tensor):
         return batch.contiguous(memory_format=torch.channels_last) if batch.ndim == 4 and batch.is_floating_point() else batch
     if isinstance(batch, dict):
-        return {k: _channels_last(v) for k, v in batch.items()}
+        return {k: channels_last_batch(v) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_channels_last(v) for v in batch)
+        return type(batch)(channels_last_batch(v) for v in batch)
     return batch
-
-
-def _max_over_processes(value: int, device: torch.device) -> int:
-    """The largest `value` over all processes (`value` itself in a single process)."""
-    if not vdist.is_dist():
-        return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 class Trainer:
@@ -303,7 +294,7 @@ class Trainer:
                     set_optimizer_values(optimizer, sched["lr"], sched["wd"])
                     batch = to_device(batch, device)
                     if channels_last:
-                        batch = _channels_last(batch)
+                        batch = channels_last_batch(batch)
                     last_micro = (micro + 1) % self.accum_steps == 0
                     sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
                     with sync:
@@ -353,7 +344,7 @@ class Trainer:
                     if self.ckpt_every_n_steps and step % self.ckpt_every_n_steps == 0:
                         checkpoint("last.pt")
                     # every process stops after the same step, whichever of them got the signal
-                    signum = _max_over_processes(stop.signum or 0, device)
+                    signum = vdist.all_reduce_max_int(stop.signum or 0, device)
                     if signum:
                         path = checkpoint("last.pt")
                         vdist.barrier()  # rank 0 has written it before any process exits
