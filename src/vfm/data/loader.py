@@ -13,13 +13,26 @@ worker built before. So:
 
 The result: the same batch gets the same crops with ``num_workers`` 0 or 8, and resuming at
 ``(epoch, start_batch)`` replays exactly the batches an uninterrupted run would have seen.
+
+Augmenting on the training device. Ten float crops per image are a lot of work for a few CPU
+workers and a lot of bytes to copy to a GPU. ``collate.deferred()`` is a copy of a training collate
+whose workers only decode, stack (and run what must stay on the CPU: tokenization, PIL
+RandAugment); its batches carry the uint8 ``"images"`` and the batch ``"seed"`` instead of
+``"crops"``. Once the batch is on the device, ``collate.finish(batch)`` re-seeds the same CPU
+generator and runs the augmentation (and masks, Mixup/CutMix) there, so the result is the batch
+the plain collate would have built, on that device: bitwise on the CPU, with the same random
+parameters on a GPU. ``finish`` returns a batch that is not deferred unchanged, so a training loop
+can call it unconditionally; ``trainer.augment_on_device`` is the option that turns this on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -181,7 +194,104 @@ def _stack_samples(samples: Sequence[tuple[Any, ...]], who: str) -> tuple[Tensor
     return images, labels, seed
 
 
-class MultiCropCollate:
+def _is_deferred_batch(batch: Any) -> bool:
+    return isinstance(batch, Mapping) and "images" in batch and "seed" in batch
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    """Tensors (also in dicts) onto ``device``; a no-op for what the training loop already moved."""
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+# The Python and NumPy global generator states, as returned by ``random.getstate()`` and
+# ``np.random.get_state()``.
+_GlobalRngState = tuple[tuple[Any, ...], tuple[Any, ...]]
+
+
+@contextlib.contextmanager
+def _global_rng(*, seed: int | None = None, state: _GlobalRngState | None = None) -> Iterator[None]:
+    """Run a block on Python's and NumPy's global generators set from ``seed`` (or to ``state``),
+    then put back what was there, so timm's global-state randomness is reproducible per batch and
+    leaves the training process's own streams untouched."""
+    saved = random.getstate(), np.random.get_state()
+    try:
+        if state is not None:
+            py, npy = state
+            # Rebuilt field by field: a batch's trip through pin_memory / a device move may have
+            # turned the tuples into lists, which random.setstate rejects.
+            random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
+            np.random.set_state((str(npy[0]), np.asarray(npy[1], dtype=np.uint32), int(npy[2]), int(npy[3]),
+                                 float(npy[4])))
+        elif seed is not None:
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+
+
+_C = TypeVar("_C", bound="_DeferrableCollate")
+
+
+class _DeferrableCollate:
+    """``deferred()`` / ``finish()`` of the training collates (see the module docstring).
+
+    A subclass builds the deferred batch in ``_deferred_batch`` (cheap, CPU-only work) and the rest
+    in ``_finish``; the plain ``__call__`` is the two in a row, so the deferred path cannot drift
+    from it.
+    """
+
+    # A class attribute, so collates pickled before deferral existed unpickle as not deferred.
+    _deferred: bool = False
+
+    def _deferred_batch(self, samples: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, samples: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        batch = self._deferred_batch(samples)
+        return batch if self._deferred else self.finish(batch)
+
+    @property
+    def is_deferred(self) -> bool:
+        """Whether ``__call__`` leaves the augmentation to :meth:`finish`."""
+        return self._deferred
+
+    def deferred(self: _C) -> _C:
+        """A shallow copy whose batches carry uint8 ``"images"`` and the batch ``"seed"`` instead of
+        ``"crops"``: the loader workers only decode and stack, :meth:`finish` augments wherever
+        the batch has been moved (e.g. the GPU)."""
+        twin = copy.copy(self)
+        twin._deferred = True
+        return twin
+
+    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Complete a deferred batch on the device of its ``"images"``: exactly the batch the plain
+        collate would have returned, with every tensor on that device. Any other batch is returned
+        unchanged, so a training loop can call this whatever the loader produced.
+
+        The augmentation's random parameters come from a CPU generator seeded with ``"seed"``, as in
+        the plain collate, so they do not depend on the device. ``"seed"`` is a Python int (a
+        tensor also works, but reading one back from a GPU would synchronise it).
+        """
+        if not _is_deferred_batch(batch):
+            return batch
+        rest = dict(batch)
+        images = rest.pop("images")
+        seed = int(rest.pop("seed"))
+        rest = {k: _to_device(v, images.device) for k, v in rest.items()}
+        with torch.no_grad():
+            return self._finish(rest, images, seed)
+
+
+class MultiCropCollate(_DeferrableCollate):
     """Collate for multi-crop methods (DINO, iBOT, DINOv2): stack the uint8 images and augment the
     batch with a generator seeded by the batch seed.
 
@@ -191,6 +301,11 @@ class MultiCropCollate:
     (e.g. a partial of :func:`vfm.data.masking.sample_masks`); the grid is the global crop size
     divided by ``patch_size``. Masks are drawn after the crops from the same per-batch generator,
     so they are reproducible like the augmentation.
+
+    ``deferred()`` returns a copy that yields ``{"images": uint8 [B, C, H, W], "seed": int,
+    "label": int64 [B]}``: the workers only stack, and ``finish(batch)``, once the batch is on the
+    GPU, draws the crops and masks there (masks are drawn on the CPU and moved), from the same
+    seeded generator, so the batch matches the plain collate's.
     """
 
     def __init__(self, augment: MultiCropAugmentation, masking: Callable | None = None,
@@ -199,20 +314,24 @@ class MultiCropCollate:
             raise ValueError("MultiCropCollate: masking needs the backbone's patch_size")
         self.augment, self.masking, self.patch_size = augment, masking, patch_size
 
-    def __call__(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
+    def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
         images, labels, seed = _stack_samples(samples, "MultiCropCollate")
+        return {"images": images, "seed": seed, "label": labels}
+
+    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
         generator = torch.Generator().manual_seed(seed)
+        labels = batch["label"]
         out: dict[str, Any] = {"crops": self.augment(images, generator), "label": labels}
         if self.masking is not None:
             grid = self.augment.global_crop_size // self.patch_size
             out["masks"] = [
-                self.masking(batch_size=len(labels), grid_size=grid, generator=generator)
+                self.masking(batch_size=len(labels), grid_size=grid, generator=generator).to(images.device)
                 for _ in range(self.augment.n_global)
             ]
         return out
 
 
-class SupervisedCollate:
+class SupervisedCollate(_DeferrableCollate):
     """Collate for supervised pretraining (DeiT recipe): per-image RandAugment (timm, on PIL images),
     the batched crop/flip/normalise of `augment`, then Mixup/CutMix with label smoothing (timm `Mixup`).
 
@@ -220,6 +339,12 @@ class SupervisedCollate:
     seed inside a saved-and-restored state, so the batch is reproducible and independent of
     `num_workers`, and the training process's own random streams are untouched.
     Returns ``{"crops": [float [B, C, s, s]], "label": int64 [B], "target": float [B, K]}``.
+
+    ``deferred()`` returns a copy that still runs RandAugment (PIL, CPU only) in the workers and
+    yields ``{"images": uint8 [B, C, H, W] (RandAugmented), "seed": int, "label": int64 [B]}``,
+    plus ``"mix_rng"`` with Mixup/CutMix: the Python and NumPy global generator states that
+    RandAugment left, which Mixup continues from in the plain collate. ``finish(batch)`` crops,
+    mixes and builds the soft targets on the batch's device.
     """
 
     def __init__(self, augment: MultiCropAugmentation, *, num_classes: int, label_smoothing: float = 0.1,
@@ -238,16 +363,14 @@ class SupervisedCollate:
             fill = tuple(int(round(255 * m)) for m in augment.mean)
             self.randaugment = rand_augment_transform(randaugment, {"translate_const": 0.45, "img_mean": fill})
 
-    def __call__(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
-        import random
-
+    def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
         from PIL import Image
 
         images, labels, seed = _stack_samples(samples, "SupervisedCollate")
-        py_state, np_state = random.getstate(), np.random.get_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
+        if self.mixup is not None and len(labels) % 2:
+            raise ValueError(f"Mixup needs an even per-process batch size, got {len(labels)}")
+        mix_rng = None
+        with _global_rng(seed=seed):
             if self.randaugment is not None:
                 out = []
                 for img in images:
@@ -256,22 +379,28 @@ class SupervisedCollate:
                     res = np.asarray(self.randaugment(pil))
                     out.append(torch.from_numpy(res.copy()).reshape(arr.shape).permute(2, 0, 1))
                 images = torch.stack(out)
-            crops = self.augment(images, torch.Generator().manual_seed(seed))
             if self.mixup is not None:
-                if len(labels) % 2:
-                    raise ValueError(f"Mixup needs an even per-process batch size, got {len(labels)}")
+                mix_rng = random.getstate(), np.random.get_state()
+        batch: dict[str, Any] = {"images": images, "seed": seed, "label": labels}
+        if mix_rng is not None:
+            batch["mix_rng"] = mix_rng
+        return batch
+
+    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+        labels = batch["label"]
+        crops = self.augment(images, torch.Generator().manual_seed(seed))
+        if self.mixup is not None:
+            with _global_rng(state=batch["mix_rng"]):
                 x, target = self.mixup(crops[0], labels)
-                crops = [x]
-            else:
-                target = torch.full((len(labels), self.num_classes), self.label_smoothing / self.num_classes)
-                target.scatter_(1, labels[:, None], 1.0 - self.label_smoothing + self.label_smoothing / self.num_classes)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+            crops = [x]
+        else:
+            n, k, eps = len(labels), self.num_classes, self.label_smoothing
+            target = torch.full((n, k), eps / k, device=labels.device)
+            target.scatter_(1, labels[:, None], 1.0 - eps + eps / k)
         return {"crops": crops, "label": labels, "target": target}
 
 
-class ImageTextCollate:
+class ImageTextCollate(_DeferrableCollate):
     """Collate for image–text methods (CLIP): stack the uint8 images, augment the batch with a
     generator seeded by the batch seed, and tokenize the captions.
 
@@ -284,6 +413,10 @@ class ImageTextCollate:
 
     Returns ``{"crops": list of float [B, C, s, s], "text": tokenizer(captions), "captions":
     list[str], "label": int64 [B]}`` (label -1 where unknown).
+
+    ``deferred()`` returns a copy that still tokenizes in the workers but yields ``{"images": uint8
+    [B, C, H, W], "seed": int, "text", "captions", "label"}``; ``finish(batch)`` augments on the
+    batch's device (``augment`` must then accept images there, as ``MultiCropAugmentation`` does).
     """
 
     def __init__(
@@ -295,7 +428,7 @@ class ImageTextCollate:
             raise TypeError("ImageTextCollate: augment and tokenizer must both be callables")
         self.augment, self.tokenizer = augment, tokenizer
 
-    def __call__(self, samples: Sequence[tuple[Tensor, str, int, int]]) -> dict[str, Any]:
+    def _deferred_batch(self, samples: Sequence[tuple[Tensor, str, int, int]]) -> dict[str, Any]:
         seed = _batch_seed_of(samples, "ImageTextCollate", "(image, caption, label, seed)")
         captions = [s[1] for s in samples]
         if not all(isinstance(c, str) for c in captions):
@@ -306,7 +439,6 @@ class ImageTextCollate:
             )
         images = torch.stack([s[0] for s in samples])
         labels = torch.tensor([int(s[2]) for s in samples], dtype=torch.int64)
-        generator = torch.Generator().manual_seed(seed)
         text = self.tokenizer(captions)
         if not isinstance(text, Tensor) and not (
             isinstance(text, dict) and all(isinstance(v, Tensor) for v in text.values())
@@ -314,7 +446,12 @@ class ImageTextCollate:
             raise TypeError(
                 f"ImageTextCollate: the tokenizer must return a Tensor or a dict of Tensors, got {type(text).__name__}"
             )
-        return {"crops": self.augment(images, generator), "text": text, "captions": captions, "label": labels}
+        return {"images": images, "seed": seed, "text": text, "captions": captions, "label": labels}
+
+    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+        generator = torch.Generator().manual_seed(seed)
+        crops = self.augment(images, generator)
+        return {"crops": crops, "text": batch["text"], "captions": batch["captions"], "label": batch["label"]}
 
 
 def _worker_init(worker_id: int) -> None:
@@ -336,6 +473,8 @@ def build_train_loader(
     pin_memory: bool = False,
     drop_last: bool = True,
     timeout: float = 0.0,
+    persistent_workers: bool = True,
+    prefetch_factor: int = 2,
 ) -> tuple[DataLoader, SeededBatchSampler]:
     """A training loader over ``dataset`` with per-batch seeds; returns ``(loader, sampler)``.
 
@@ -343,7 +482,12 @@ def build_train_loader(
     each epoch. ``collate_fn`` receives ``[(*item, batch_seed), ...]``: ``(image, label, seed)``
     for an image dataset, ``(image, caption, label, seed)`` for an image–text one. ``timeout``
     (seconds, workers only; 0 = forever) turns a worker stuck on a read into an error.
+    ``persistent_workers`` keeps the workers (and their copy of the dataset) alive across epochs;
+    ``prefetch_factor`` is the number of batches each worker keeps ready. Both apply only with
+    ``num_workers > 0``.
     """
+    if prefetch_factor < 1:
+        raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     n = len(dataset)  # type: ignore[arg-type]
     if drop_last and n < batch_size * world_size:
         raise ValueError(
@@ -361,8 +505,8 @@ def build_train_loader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,  # no re-fork (and re-copy of the dataset) every epoch
-        prefetch_factor=2 if num_workers > 0 else None,
+        persistent_workers=persistent_workers and num_workers > 0,  # no re-fork (and dataset re-copy) per epoch
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         timeout=timeout if num_workers > 0 else 0,
         # A private generator: the DataLoader draws its base seed from it, not from (and so
         # without advancing) the global torch RNG that methods use.
