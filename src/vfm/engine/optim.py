@@ -109,12 +109,28 @@ def set_optimizer_values(optimizer: torch.optim.Optimizer, lr: float, wd: float)
 
 
 @torch.no_grad()
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None, mode: str) -> torch.Tensor:
     """Clip gradients and return the total gradient norm before clipping (for logging)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    group = None
+    if _is_dtensor(grads[0]):
+        # FSDP: each process holds a shard of every gradient. Per-parameter norms are the root of
+        # the all-reduced sums of squares of the local shards; the scaling then acts on the shards.
+        group = grads[0].device_mesh.get_group()
+        grads = [g.to_local() for g in grads]
     norms = torch.stack(torch._foreach_norm(grads))
+    if group is not None:
+        norms = norms.square()
+        torch.distributed.all_reduce(norms, group=group)
+        norms = norms.sqrt()
     total = torch.linalg.vector_norm(norms)
     if not max_norm:
         return total

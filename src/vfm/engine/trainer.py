@@ -5,6 +5,7 @@ Methods hold only the math (`vfm.methods.base.Method`).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from vfm import distributed as vdist
 from vfm.data.loader import build_train_loader
+from vfm.engine import fsdp
 from vfm.engine.checkpoint import (
     check_keys,
     find_resume_checkpoint,
@@ -105,6 +107,16 @@ class Trainer:
         channels_last: NHWC memory format for the model and the image batches: true, false, or
             "auto" (for CNN encoders: ResNet-50 trains 1.14-1.17x faster on the CPU in `make bench`;
             ViTs convolve only in the patch embedding and are left as they are).
+        strategy: with several processes, "ddp" (a full replica per process) or "fsdp" (FSDP2:
+            parameters, gradients and optimizer state sharded over the processes; see
+            `vfm.engine.fsdp`). Checkpoints have the same format under both.
+        augment_on_device: run the batch augmentation (crops, colour, blur, masks) on the training
+            device after the transfer instead of in the DataLoader workers, which then only decode
+            and stack uint8 images; same random parameters either way (the batch seed travels).
+        persistent_workers: keep DataLoader workers alive across epochs (num_workers > 0).
+        prefetch_factor: batches each DataLoader worker prepares ahead (num_workers > 0).
+        pin_memory: page-locked host batches for asynchronous copies to the GPU: true, false or
+            "auto" (on when training on CUDA).
     """
 
     def __init__(
@@ -128,9 +140,20 @@ class Trainer:
         data_timeout_s: float = 600.0,
         stop_signals: tuple[str, ...] | list[str] = DEFAULT_SIGNALS,
         channels_last: bool | str = "auto",
+        strategy: str = "ddp",
+        augment_on_device: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 2,
+        pin_memory: bool | str = "auto",
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if strategy not in fsdp.STRATEGIES:
+            raise ValueError(f"trainer.strategy must be one of {list(fsdp.STRATEGIES)}, got {strategy!r}")
+        if prefetch_factor < 1:
+            raise ValueError(f"trainer.prefetch_factor must be >= 1 (batches per worker), got {prefetch_factor}")
+        if pin_memory not in (True, False, "auto"):
+            raise ValueError(f"trainer.pin_memory must be true, false or auto, got {pin_memory!r}")
         self.max_epochs, self.batch_size, self.accum_steps = max_epochs, batch_size, accum_steps
         self.precision, self.device_name, self.compile = precision, device, compile
         self.num_workers, self.seed = num_workers, seed
@@ -139,6 +162,8 @@ class Trainer:
         self.resume, self.max_steps, self.progress = resume, max_steps, progress
         self.dist_timeout_s, self.data_timeout_s, self.stop_signals = dist_timeout_s, data_timeout_s, tuple(stop_signals)
         self.channels_last = channels_last
+        self.strategy, self.augment_on_device = strategy, augment_on_device
+        self.persistent_workers, self.prefetch_factor, self.pin_memory = persistent_workers, prefetch_factor, pin_memory
 
     # ------------------------------------------------------------------ helpers
     def per_process_batch(self, world_size: int) -> int:
@@ -182,6 +207,9 @@ class Trainer:
     ) -> dict[str, Any]:
         """Train `method` and return {"step", "epoch", "metrics", "history"}.
 
+        Afterwards `method` holds the trained weights, on the training device (under
+        `strategy=fsdp`: on rank 0 only; the other ranks' copy is not updated).
+
         `evaluate_fn(encoder, epoch)` runs on rank 0 every `eval_every_n_epochs` epochs.
         """
         rank, world = vdist.get_rank(), vdist.get_world_size()
@@ -197,11 +225,21 @@ class Trainer:
         if channels_last:
             method.to(memory_format=torch.channels_last)
 
+        finish_batch: Callable[[Any], Any] | None = None
+        if self.augment_on_device:
+            if not hasattr(collate_fn, "deferred"):
+                raise ValueError(
+                    f"trainer.augment_on_device=true: the collate {type(collate_fn).__name__} cannot defer its "
+                    "augmentation to the device; set trainer.augment_on_device=false"
+                )
+            collate_fn = collate_fn.deferred()
+            finish_batch = collate_fn.finish
         micro_bs = self.per_process_batch(world)
+        pin = device.type == "cuda" if self.pin_memory == "auto" else bool(self.pin_memory)
         loader, sampler = build_train_loader(
             train_dataset, batch_size=micro_bs, collate_fn=collate_fn, seed=self.seed, rank=rank,
-            world_size=world, num_workers=self.num_workers, pin_memory=device.type == "cuda",
-            timeout=self.data_timeout_s,
+            world_size=world, num_workers=self.num_workers, pin_memory=pin, timeout=self.data_timeout_s,
+            persistent_workers=self.persistent_workers, prefetch_factor=self.prefetch_factor,
         )
         micro_per_epoch = len(sampler) - len(sampler) % self.accum_steps
         steps_per_epoch = micro_per_epoch // self.accum_steps
@@ -223,16 +261,31 @@ class Trainer:
             arrays[name] = spec.build(steps_per_epoch, self.max_epochs)
         sched_values = {k: v.tolist() for k, v in arrays.items()}  # python floats: no tensor indexing per step
 
-        optimizer = optim.build(method.param_groups(), device.type)
-        scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-
         step, history = 0, []
         resumed = self._resume_state(ckpt_dir, is_main)
         if resumed is not None:
+            load_model_state(method, resumed[1]["model"], resumed[0])  # full weights, before any sharding
+
+        # `net` is the module that trains: `method` itself, or under FSDP a sharded copy on the
+        # device (`method` then stays unsharded on the CPU and receives the trained weights for
+        # evaluation and at the end, see `sync_method`)
+        sharded = self.strategy == "fsdp" and world > 1
+        net = method
+        if sharded:
+            method.to("cpu")
+            net = fsdp.shard(copy.deepcopy(method).to(device), device)
+            log.info("FSDP: %d sharded units + the root over %d processes", len(fsdp.fsdp_units(net)), world)
+
+        optimizer = optim.build(net.param_groups(), device.type)
+        scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+        if resumed is not None:
             resume_from, state = resumed
-            load_model_state(method, state["model"], resume_from)
-            optimizer.load_state_dict(state["optimizer"])
+            if sharded:
+                fsdp.load_full_optimizer_state(net, optimizer, state["optimizer"])
+            else:
+                optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
             if state.get("steps_per_epoch") not in (None, steps_per_epoch):
                 raise ValueError(
@@ -247,20 +300,35 @@ class Trainer:
         # values were flushed with it): one value per step
         logger.start(step + 1 if resumed is not None else 0)
 
-        model: nn.Module = method
-        if world > 1:
+        model: nn.Module = net
+        if world > 1 and not sharded:
             model = nn.parallel.DistributedDataParallel(
-                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+                net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
             )
         if self.compile:
             model = torch.compile(model)
 
+        def full_state() -> tuple[dict[str, Any], dict[str, Any]]:
+            """Model and optimizer state in the single-process format (under FSDP: gathered on
+            rank 0, a collective every process calls)."""
+            if sharded:
+                return fsdp.full_model_state(net), fsdp.full_optimizer_state(net, optimizer)
+            return net.state_dict(), optimizer.state_dict()
+
+        def sync_method() -> None:
+            """FSDP: `method` on rank 0 gets the trained weights (a collective); rank 0 evaluates it."""
+            if sharded:
+                model_state = fsdp.full_model_state(net)
+                if is_main:
+                    method.load_state_dict(model_state)
+
         def checkpoint(name: str) -> Path:
             path = ckpt_dir / name
+            model_state, optim_state = full_state() if (sharded or is_main) else ({}, {})
             if not is_main:
                 return path
             state = {
-                "model": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "model": model_state, "optimizer": optim_state, "scaler": scaler.state_dict(),
                 "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                 "rng": rng_state(), "history": history, "lr_rule": lr_rule, **(extra_state or {}),
             }
@@ -273,7 +341,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         n_overflow = 0
         skipped_files = (lambda: int(train_dataset.num_skipped)) if hasattr(train_dataset, "num_skipped") else None
-        method.train()
+        net.train()
         with StopOnSignal(self.stop_signals) as stop:
             for epoch in range(start_epoch, self.max_epochs):
                 if step >= last_step:
@@ -293,9 +361,13 @@ class Trainer:
                     sched = {k: v[step] for k, v in sched_values.items()}
                     set_optimizer_values(optimizer, sched["lr"], sched["wd"])
                     batch = to_device(batch, device)
+                    if finish_batch is not None:
+                        batch = finish_batch(batch)
                     if channels_last:
                         batch = channels_last_batch(batch)
                     last_micro = (micro + 1) % self.accum_steps == 0
+                    if sharded:  # accumulate unreduced gradients until the group's last micro-step
+                        net.set_requires_gradient_sync(last_micro)
                     sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
                     with sync:
                         with self._autocast(device):
@@ -318,7 +390,7 @@ class Trainer:
                         continue
                     scaler.unscale_(optimizer)
                     grad_norm = clip_gradients(trainable, optim.clip_grad, optim.clip_mode)
-                    method.before_optimizer_step(step, sched)
+                    net.before_optimizer_step(step, sched)
                     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
                     scaler.step(optimizer)  # fp16: skipped when a gradient overflowed
                     scaler.update()
@@ -327,7 +399,7 @@ class Trainer:
                         log.debug("fp16: gradient overflow at step %d, update skipped, loss scale %g -> %g",
                                   step, scale, scaler.get_scale())
                     optimizer.zero_grad(set_to_none=True)
-                    method.on_step_end(step, sched)
+                    net.on_step_end(step, sched)
                     step += 1
                     bar.update(1)
                     if step % self.log_every_n_steps == 0 or step == last_step:
@@ -360,10 +432,15 @@ class Trainer:
                 }
                 if epoch_done and evaluate_fn is not None and eval_every_n_epochs and (epoch + 1) % eval_every_n_epochs == 0 \
                         and epoch + 1 < self.max_epochs:
+                    sync_method()
                     if is_main:
+                        if sharded:
+                            method.to(device)
                         metrics = evaluate_fn(method.encoder, epoch + 1)
                         logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, step)
                         summary.update(metrics)
+                        if sharded:
+                            method.to("cpu")
                     vdist.wait_for_main()
                 if skipped_files is not None:  # corrupt inputs replaced by the dataset (bad_files=skip)
                     summary["skipped_files"] = skipped_files()
@@ -383,5 +460,9 @@ class Trainer:
                 if epoch_done and self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0:
                     checkpoint(f"epoch_{epoch + 1:04d}.pt")
                 vdist.barrier()
+        if sharded:
+            sync_method()
+            del model, net, optimizer  # free the shards before the caller evaluates `method`
+            method.to(device)
         return {"step": step, "epoch": step / steps_per_epoch, "history": history, "lr_rule": lr_rule,
                 "finished": step >= total_steps, "steps_per_epoch": steps_per_epoch}
