@@ -26,7 +26,7 @@ COMMON = ["trainer.precision=fp32", "evaluator=[]", "eval.baseline=false"]
 
 def torchrun(run: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vfm.pretrain",
-           *overrides, *COMMON, f"hydra.run.dir={run}"]
+           *COMMON, *overrides, f"hydra.run.dir={run}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -66,8 +66,9 @@ def test_unknown_strategy_is_rejected():
 @pytest.mark.slow
 def test_fsdp_trains_like_ddp_and_resumes_exactly_from_either(tmp_path):
     dino = [*TINY, "method=dino"]
-    ddp = torchrun(tmp_path / "ddp", *dino, "trainer.strategy=ddp")
-    torchrun(tmp_path / "fsdp", *dino, "trainer.strategy=fsdp")
+    evaluate = ["evaluator=[knn]", "eval.every_n_epochs=1"]  # after epoch 1: rank 0 evaluates gathered weights
+    ddp = torchrun(tmp_path / "ddp", *dino, *evaluate, "trainer.strategy=ddp")
+    torchrun(tmp_path / "fsdp", *dino, *evaluate, "trainer.strategy=fsdp")
     # 2 student + 2 teacher blocks
     assert "FSDP: 4 sharded units + the root over 2 processes" in (tmp_path / "fsdp/pretrain.log").read_text()
     a, b = last(tmp_path / "ddp"), last(tmp_path / "fsdp")
@@ -77,6 +78,7 @@ def test_fsdp_trains_like_ddp_and_resumes_exactly_from_either(tmp_path):
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], abs=1e-5)
     assert max_diff(a, b) < 1e-4
+    assert a["history"][0]["knn/top1"] == pytest.approx(b["history"][0]["knn/top1"], abs=0.5)
     assert "exported encoder weights" in ddp.stderr + (tmp_path / "ddp/pretrain.log").read_text()
 
     # interrupted after step 5 (epoch 1, last layer still frozen), then resumed: bitwise equal
