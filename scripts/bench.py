@@ -40,7 +40,14 @@ Prints one Markdown table per section and writes `<out>/bench-<device>[-<tag>].j
   (synthetic images when it is absent) with `trainer.num_workers` 0 and 2: the trainer's own
   images/s (its `perf/images_per_s` over the logged intervals after the first, which holds worker
   start-up), next to the compute-only and the serial data+compute numbers of `throughput` for the
-  same configuration, so a data bottleneck shows.
+  same configuration, so a data bottleneck shows; and with 2 workers plus
+  `trainer.augment_on_device=true` (the workers only stack uint8 images, the training process
+  augments after the transfer).
+* `augment`: where the multi-crop augmentation of a DINO batch at the ImageNet setting (3 x 224 x 224
+  -> 2 x 224 + 10 x 96 crops) runs: the plain collate in one CPU process (all its torch threads: what
+  one DataLoader worker does with one thread is slower), and the deferred collate's `finish` on
+  --device after the transfer (`trainer.augment_on_device=true`, CUDA synchronised), with the bytes
+  one batch moves from the loader to the device either way.
 * `ablation`: DINO and MAE at the CPU recipe size, one optimisation switched at a time against the
   project's defaults (off vs on, ratio on/off; a few steps each): bf16 autocast vs fp32; fused SDPA
   vs plain-op attention in every block (backbone and MAE decoder: `timm.layers.set_fused_attn` is
@@ -87,7 +94,7 @@ from typing import Any
 
 import torch
 
-SECTIONS = ("peak", "throughput", "e2e", "ablation", "lightly", "mae")
+SECTIONS = ("peak", "throughput", "e2e", "augment", "ablation", "lightly", "mae")
 RECIPE_METHODS = ("dino", "ibot", "dinov2", "mae", "beit", "eva", "clip", "supervised")
 DINO_FAMILY = ("dino", "ibot", "dinov2")
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": None}
@@ -726,8 +733,8 @@ def section_e2e(ctx: Context) -> dict[str, Any]:
         cfg = compose_cfg(base)
         splits = instantiate(cfg.dataset)
     rows = []
-    for workers in (0, 2):
-        c = compose_cfg(base + [f"trainer.num_workers={workers}"])
+    for workers, on_device in ((0, False), (2, False), (2, True)):
+        c = compose_cfg(base + [f"trainer.num_workers={workers}", f"trainer.augment_on_device={on_device}"])
         with tempfile.TemporaryDirectory(dir=ctx.tmp) as run_dir, open_dict(c):
             c.paths.output_dir = run_dir
             method = build_method(c)
@@ -742,9 +749,11 @@ def section_e2e(ctx: Context) -> dict[str, Any]:
         steady = rec.ips[1:] or rec.ips
         steady_ips = len(steady) / sum(1.0 / x for x in steady)  # equal intervals: the harmonic mean
         hist = res["history"][-1]["images_per_s"] if res["history"] else float("nan")
-        rows.append({"num_workers": workers, "batch": int(c.trainer.batch_size), "steps": res["step"],
+        rows.append({"num_workers": workers, "augment_on_device": on_device, "batch": int(c.trainer.batch_size),
+                     "steps": res["step"],
                      "img_s": steady_ips, "img_s_incl_startup": hist, "wall_s": wall, "dataset": dataset_note})
-        print(f"e2e num_workers={workers}: {steady_ips:.1f} img/s (steady), {hist:.1f} incl. start-up", flush=True)
+        print(f"e2e num_workers={workers} augment_on_device={on_device}: {steady_ips:.1f} img/s (steady), "
+              f"{hist:.1f} incl. start-up", flush=True)
         del method, trainer
         release(device)
     thr = next((r for r in ctx.results.get("throughput", []) if r.get("method") == "dino" and "error" not in r
@@ -756,12 +765,63 @@ def section_e2e(ctx: Context) -> dict[str, Any]:
                                 batch=rows[0]["batch"], precision=args.precision, count_flops=False,
                                 steps=args.steps, warmup=args.warmup))
     md = [f"### End to end: `Trainer.fit`, DINO recipe, {dataset_note}, batch {rows[0]['batch']}, {args.precision}", "",
-          "| num_workers | trainer img/s (steady) | trainer img/s (incl. start-up) | compute-only img/s (`throughput`) | "
-          "data+compute serial img/s (`throughput`) | trainer / compute-only |", "|---|---|---|---|---|---|"]
+          "| num_workers | augmentation | trainer img/s (steady) | trainer img/s (incl. start-up) | "
+          "compute-only img/s (`throughput`) | data+compute serial img/s (`throughput`) | trainer / compute-only |",
+          "|---|---|---|---|---|---|---|"]
     for r in rows:
         r["compute_only_img_s"], r["serial_img_s"] = thr["img_s"], thr.get("img_s_with_data")
-        md.append(f"| {r['num_workers']} | {r['img_s']:.1f} | {r['img_s_incl_startup']:.1f} | {thr['img_s']:.1f} | "
+        where = f"on the {device.type} (augment_on_device)" if r["augment_on_device"] else "in the loader"
+        md.append(f"| {r['num_workers']} | {where} | {r['img_s']:.1f} | {r['img_s_incl_startup']:.1f} | {thr['img_s']:.1f} | "
                   f"{thr.get('img_s_with_data', float('nan')):.1f} | {r['img_s'] / thr['img_s']:.2f} |")
+    return {"rows": rows, "markdown": "\n".join(md)}
+
+
+# ----------------------------------------------------------------------------------- augment
+def section_augment(ctx: Context) -> dict[str, Any]:
+    """The DINO ImageNet multi-crop of one batch: in one CPU process vs on the device after transfer."""
+    from hydra.utils import instantiate
+
+    from vfm.data.loader import MultiCropCollate
+    from vfm.engine.trainer import to_device
+
+    args, device = ctx.args, ctx.device
+    img = 64 if args.quick else 224
+    cfg = compose_cfg(method_overrides("dino", argparse.Namespace(**{**vars(args), "img": img, "backbone": None})))
+    aug = instantiate(cfg.method.augment)
+    batch = 8 if args.quick else (64 if device.type == "cuda" else 16)
+    reps = 2 if args.quick else 5
+    c, size = int(cfg.dataset.in_chans), int(cfg.dataset.img_size)
+    images = torch.randint(0, 256, (batch, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    samples = [(images[i], 0, 1234) for i in range(batch)]
+    plain, deferred = MultiCropCollate(aug), MultiCropCollate(aug).deferred()
+
+    def nbytes(x: Any) -> int:
+        if isinstance(x, torch.Tensor):
+            return x.numel() * x.element_size()
+        if isinstance(x, dict):
+            return sum(nbytes(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(nbytes(v) for v in x)
+        return 0
+
+    crops = f"{aug.n_global}x{aug.global_crop_size} + {aug.n_local}x{aug.local_crop_size}"
+    rows = []
+    cpu_s = best_time(lambda: plain(samples), reps)
+    rows.append({"where": f"CPU, one process ({torch.get_num_threads()} thread(s)), plain collate", "batch": batch,
+                 "ms": 1e3 * cpu_s, "img_s": batch / cpu_s, "transfer_mib": nbytes(plain(samples)) / 2**20})
+    raw = deferred(samples)
+    on_dev = to_device(raw, device)
+
+    def finish() -> None:
+        deferred.finish(dict(on_dev))
+        sync(device)
+
+    dev_s = best_time(finish, reps)
+    rows.append({"where": f"{ctx.name}: deferred collate's finish (augment_on_device)", "batch": batch,
+                 "ms": 1e3 * dev_s, "img_s": batch / dev_s, "transfer_mib": nbytes(raw) / 2**20})
+    md = [f"### Multi-crop augmentation: where it runs ({c}x{size}x{size} -> {crops}, best of {reps})", "",
+          "| where | batch | ms / batch | img/s | MiB moved loader -> device per batch |", "|---|---|---|---|---|"]
+    md += [f"| {r['where']} | {r['batch']} | {r['ms']:.1f} | {r['img_s']:.1f} | {r['transfer_mib']:.1f} |" for r in rows]
     return {"rows": rows, "markdown": "\n".join(md)}
 
 
@@ -1173,7 +1233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(header), flush=True)
     with tempfile.TemporaryDirectory(prefix="vfm-bench-") as tmp:
         ctx = Context(args=args, device=device, name=name, peaks=Peaks(device, args.peak_n), tmp=Path(tmp))
-        fns = {"peak": section_peak, "throughput": section_throughput, "e2e": section_e2e,
+        fns = {"peak": section_peak, "throughput": section_throughput, "e2e": section_e2e, "augment": section_augment,
                "ablation": section_ablation, "lightly": section_lightly, "mae": section_mae}
         report: dict[str, Any] = {
             "device": device.type, "device_name": name, "threads": threads, "torch": torch.__version__,

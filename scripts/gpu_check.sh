@@ -8,7 +8,8 @@
 #   PYTHONPATH=src:.gpu/pylib PYTHON=python3 OUT=/tmp/bench bash scripts/gpu_check.sh   # vfm not installed
 #   QUICK=1 bash scripts/gpu_check.sh        # a one-minute smoke test of the CUDA paths (tiny models)
 #
-# Writes $OUT/bench-cuda.{json,md} and $OUT/bench-cuda-compile.{json,md} (OUT defaults to outputs/bench).
+# Writes $OUT/bench-cuda.{json,md}, $OUT/bench-cuda-augment.{json,md} and $OUT/bench-cuda-compile.{json,md}
+# (OUT defaults to outputs/bench).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,7 +18,7 @@ OUT=${OUT:-outputs/bench}
 # vfm from the source tree when it is not installed (hydra/omegaconf may come from PYTHONPATH too)
 export PYTHONPATH="src${PYTHONPATH:+:${PYTHONPATH}}"
 mkdir -p "$OUT"
-rm -f "$OUT"/bench-cuda.{json,md} "$OUT"/bench-cuda-compile.{json,md}  # never show an earlier run's tables
+rm -f "$OUT"/bench-cuda.{json,md} "$OUT"/bench-cuda-compile.{json,md} "$OUT"/bench-cuda-augment.{json,md}  # never show an earlier run's tables
 
 "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device visible")'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>/dev/null || true
@@ -34,6 +35,8 @@ args=(peak throughput --device cuda --precision bf16 --methods dino,mae --backbo
 
 # eager (~2 min), then torch.compile (compile time is reported separately; ~3-5 min)
 timeout "${EAGER_TIMEOUT_S:-200}" "$PYTHON" scripts/bench.py "${args[@]}"
+# the DINO multi-crop of a batch of 64 at 224 px in one CPU process vs on this GPU (trainer.augment_on_device)
+timeout 120 "$PYTHON" scripts/bench.py augment --device cuda --out "$OUT" --tag augment || true
 status=0
 timeout "${COMPILE_TIMEOUT_S:-260}" "$PYTHON" scripts/bench.py "${args[@]}" --compile || status=$?
 if [[ $status -ne 0 ]]; then
@@ -42,5 +45,6 @@ fi
 
 echo
 cat "$OUT/bench-cuda.md"
+[[ -f "$OUT/bench-cuda-augment.md" ]] && cat "$OUT/bench-cuda-augment.md"
 [[ -f "$OUT/bench-cuda-compile.md" ]] && cat "$OUT/bench-cuda-compile.md"
 exit "$status"

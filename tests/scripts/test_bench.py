@@ -87,3 +87,11 @@ def test_batch_spec(bench):
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPTS / "gpu_check.sh")], check=True)
+
+
+def test_quick_augment_section_moves_fewer_bytes_deferred(bench, tmp_path, one_thread):
+    report = bench.main(["augment", "--quick", "--device", "cpu", "--out", str(tmp_path), "--strict"])
+    plain, deferred = report["sections"]["augment"]["rows"]
+    assert plain["img_s"] > 0 and deferred["img_s"] > 0
+    # uint8 images instead of 2 + 10 float crops
+    assert deferred["transfer_mib"] < plain["transfer_mib"] / 4
