@@ -270,6 +270,8 @@ class Trainer:
         # device (`method` then stays unsharded on the CPU and receives the trained weights for
         # evaluation and at the end, see `sync_method`)
         sharded = self.strategy == "fsdp" and world > 1
+        if self.strategy == "fsdp" and world == 1:
+            log.info("trainer.strategy=fsdp in a single process: nothing to shard, training unsharded")
         net = method
         if sharded:
             method.to("cpu")
