@@ -47,7 +47,8 @@ Prints one Markdown table per section and writes `<out>/bench-<device>[-<tag>].j
   -> 2 x 224 + 10 x 96 crops) runs: the plain collate in one CPU process (all its torch threads: what
   one DataLoader worker does with one thread is slower), and the deferred collate's `finish` on
   --device after the transfer (`trainer.augment_on_device=true`, CUDA synchronised), with the bytes
-  one batch moves from the loader to the device either way.
+  one batch moves from the loader to the device either way; on CUDA also the copy of each kind of
+  batch from pageable vs pinned host memory (`trainer.pin_memory`).
 * `ablation`: DINO and MAE at the CPU recipe size, one optimisation switched at a time against the
   project's defaults (off vs on, ratio on/off; a few steps each): bf16 autocast vs fp32; fused SDPA
   vs plain-op attention in every block (backbone and MAE decoder: `timm.layers.set_fused_attn` is
@@ -822,7 +823,40 @@ def section_augment(ctx: Context) -> dict[str, Any]:
     md = [f"### Multi-crop augmentation: where it runs ({c}x{size}x{size} -> {crops}, best of {reps})", "",
           "| where | batch | ms / batch | img/s | MiB moved loader -> device per batch |", "|---|---|---|---|---|"]
     md += [f"| {r['where']} | {r['batch']} | {r['ms']:.1f} | {r['img_s']:.1f} | {r['transfer_mib']:.1f} |" for r in rows]
-    return {"rows": rows, "markdown": "\n".join(md)}
+    copies = transfer_rows(plain(samples), raw, device, reps) if device.type == "cuda" else []
+    if copies:
+        md += ["", "Host-to-device copy of one batch (`trainer.pin_memory`: the DataLoader pins batches in a "
+               "thread when on; a non-blocking copy from pinned memory is asynchronous):", "",
+               "| batch | memory | MiB | ms / copy | GB/s |", "|---|---|---|---|---|"]
+        md += [f"| {r['batch']} | {r['memory']} | {r['mib']:.1f} | {r['ms']:.2f} | {r['gb_s']:.1f} |" for r in copies]
+    return {"rows": rows, "copies": copies, "markdown": "\n".join(md)}
+
+
+def transfer_rows(plain: Any, deferred: Any, device: torch.device, reps: int) -> list[dict[str, Any]]:
+    """The copy of a collated batch to the GPU from pageable vs pinned host memory (CUDA only)."""
+    from vfm.engine.trainer import to_device
+
+    def tensors(x: Any) -> list[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            return [x]
+        if isinstance(x, dict):
+            return [t for v in x.values() for t in tensors(v)]
+        if isinstance(x, (list, tuple)):
+            return [t for v in x for t in tensors(v)]
+        return []
+
+    rows = []
+    for name, batch in (("float crops (loader augments)", plain), ("uint8 images (augment_on_device)", deferred)):
+        host = tensors(batch)
+        mib = sum(t.numel() * t.element_size() for t in host) / 2**20
+        for memory, src in (("pageable", host), ("pinned", [t.pin_memory() for t in host])):
+            def copy(src: list[torch.Tensor] = src) -> None:
+                to_device(src, device)
+                sync(device)
+
+            sec = best_time(copy, reps)
+            rows.append({"batch": name, "memory": memory, "mib": mib, "ms": 1e3 * sec, "gb_s": mib * 2**20 / sec / 1e9})
+    return rows
 
 
 # ----------------------------------------------------------------------------------- ablation
