@@ -108,13 +108,13 @@ def set_optimizer_values(optimizer: torch.optim.Optimizer, lr: float, wd: float)
         g["weight_decay"] = wd * g.get("wd_mult", 1.0)
 
 
-@torch.no_grad()
 def _is_dtensor(t: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
+@torch.no_grad()
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None, mode: str) -> torch.Tensor:
     """Clip gradients and return the total gradient norm before clipping (for logging)."""
     grads = [p.grad for p in params if p.grad is not None]

@@ -218,7 +218,12 @@ class Trainer:
         device = select_device(self.device_name)
         run_dir = Path(run_dir)
         ckpt_dir = run_dir / "checkpoints"
-        method.to(device)
+        # under FSDP a sharded copy trains on the device and `method` stays on the CPU (below)
+        sharded = self.strategy == "fsdp" and world > 1
+        if self.strategy == "fsdp" and world == 1:
+            log.info("trainer.strategy=fsdp in a single process: nothing to shard, training unsharded")
+        if not sharded:
+            method.to(device)
         channels_last = self.channels_last
         if channels_last == "auto":
             channels_last = not getattr(method.encoder, "is_vit", True)
@@ -268,13 +273,9 @@ class Trainer:
 
         # `net` is the module that trains: `method` itself, or under FSDP a sharded copy on the
         # device (`method` then stays unsharded on the CPU and receives the trained weights for
-        # evaluation and at the end, see `sync_method`)
-        sharded = self.strategy == "fsdp" and world > 1
-        if self.strategy == "fsdp" and world == 1:
-            log.info("trainer.strategy=fsdp in a single process: nothing to shard, training unsharded")
+        # evaluation, checkpoints and at the end, see `sync_method`)
         net = method
         if sharded:
-            method.to("cpu")
             net = fsdp.shard(copy.deepcopy(method).to(device), device)
             log.info("FSDP: %d sharded units + the root over %d processes", len(fsdp.fsdp_units(net)), world)
 
@@ -310,19 +311,24 @@ class Trainer:
         if self.compile:
             model = torch.compile(model)
 
+        synced_step = step  # FSDP: the step whose weights `method` holds on rank 0
+
+        def sync_method() -> None:
+            """FSDP: `method` on rank 0 gets the trained weights (a collective, once per step at most)."""
+            nonlocal synced_step
+            if sharded and synced_step != step:
+                model_state = fsdp.full_model_state(net)
+                if is_main:
+                    method.load_state_dict(model_state)
+                synced_step = step
+
         def full_state() -> tuple[dict[str, Any], dict[str, Any]]:
             """Model and optimizer state in the single-process format (under FSDP: gathered on
             rank 0, a collective every process calls)."""
             if sharded:
-                return fsdp.full_model_state(net), fsdp.full_optimizer_state(net, optimizer)
+                sync_method()
+                return method.state_dict(), fsdp.full_optimizer_state(net, optimizer)
             return net.state_dict(), optimizer.state_dict()
-
-        def sync_method() -> None:
-            """FSDP: `method` on rank 0 gets the trained weights (a collective); rank 0 evaluates it."""
-            if sharded:
-                model_state = fsdp.full_model_state(net)
-                if is_main:
-                    method.load_state_dict(model_state)
 
         def checkpoint(name: str) -> Path:
             path = ckpt_dir / name
@@ -368,7 +374,7 @@ class Trainer:
                     if channels_last:
                         batch = channels_last_batch(batch)
                     last_micro = (micro + 1) % self.accum_steps == 0
-                    if sharded:  # accumulate unreduced gradients until the group's last micro-step
+                    if sharded and self.accum_steps > 1:  # no reduce-scatter until the group's last micro-step
                         net.set_requires_gradient_sync(last_micro)
                     sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else nullcontext()
                     with sync:
@@ -463,7 +469,7 @@ class Trainer:
                     checkpoint(f"epoch_{epoch + 1:04d}.pt")
                 vdist.barrier()
         if sharded:
-            sync_method()
+            sync_method()  # a no-op when the last checkpoint was written at this step
             del model, net, optimizer  # free the shards before the caller evaluates `method`
             method.to(device)
         return {"step": step, "epoch": step / steps_per_epoch, "history": history, "lr_rule": lr_rule,
