@@ -778,6 +778,21 @@ def section_e2e(ctx: Context) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------- augment
+def batch_tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors of a collated batch (nested dicts, lists, tuples)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in batch_tensors(v)]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in batch_tensors(v)]
+    return []
+
+
+def mib(tensors: list[torch.Tensor]) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
 def section_augment(ctx: Context) -> dict[str, Any]:
     """The DINO ImageNet multi-crop of one batch: in one CPU process vs on the device after transfer."""
     from hydra.utils import instantiate
@@ -796,20 +811,11 @@ def section_augment(ctx: Context) -> dict[str, Any]:
     samples = [(images[i], 0, 1234) for i in range(batch)]
     plain, deferred = MultiCropCollate(aug), MultiCropCollate(aug).deferred()
 
-    def nbytes(x: Any) -> int:
-        if isinstance(x, torch.Tensor):
-            return x.numel() * x.element_size()
-        if isinstance(x, dict):
-            return sum(nbytes(v) for v in x.values())
-        if isinstance(x, (list, tuple)):
-            return sum(nbytes(v) for v in x)
-        return 0
-
     crops = f"{aug.n_global}x{aug.global_crop_size} + {aug.n_local}x{aug.local_crop_size}"
     rows = []
     cpu_s = best_time(lambda: plain(samples), reps)
     rows.append({"where": f"CPU, one process ({torch.get_num_threads()} thread(s)), plain collate", "batch": batch,
-                 "ms": 1e3 * cpu_s, "img_s": batch / cpu_s, "transfer_mib": nbytes(plain(samples)) / 2**20})
+                 "ms": 1e3 * cpu_s, "img_s": batch / cpu_s, "transfer_mib": mib(batch_tensors(plain(samples)))})
     raw = deferred(samples)
     on_dev = to_device(raw, device)
 
@@ -819,7 +825,7 @@ def section_augment(ctx: Context) -> dict[str, Any]:
 
     dev_s = best_time(finish, reps)
     rows.append({"where": f"{ctx.name}: deferred collate's finish (augment_on_device)", "batch": batch,
-                 "ms": 1e3 * dev_s, "img_s": batch / dev_s, "transfer_mib": nbytes(raw) / 2**20})
+                 "ms": 1e3 * dev_s, "img_s": batch / dev_s, "transfer_mib": mib(batch_tensors(raw))})
     md = [f"### Multi-crop augmentation: where it runs ({c}x{size}x{size} -> {crops}, best of {reps})", "",
           "| where | batch | ms / batch | img/s | MiB moved loader -> device per batch |", "|---|---|---|---|---|"]
     md += [f"| {r['where']} | {r['batch']} | {r['ms']:.1f} | {r['img_s']:.1f} | {r['transfer_mib']:.1f} |" for r in rows]
@@ -836,26 +842,17 @@ def transfer_rows(plain: Any, deferred: Any, device: torch.device, reps: int) ->
     """The copy of a collated batch to the GPU from pageable vs pinned host memory (CUDA only)."""
     from vfm.engine.trainer import to_device
 
-    def tensors(x: Any) -> list[torch.Tensor]:
-        if isinstance(x, torch.Tensor):
-            return [x]
-        if isinstance(x, dict):
-            return [t for v in x.values() for t in tensors(v)]
-        if isinstance(x, (list, tuple)):
-            return [t for v in x for t in tensors(v)]
-        return []
-
     rows = []
     for name, batch in (("float crops (loader augments)", plain), ("uint8 images (augment_on_device)", deferred)):
-        host = tensors(batch)
-        mib = sum(t.numel() * t.element_size() for t in host) / 2**20
+        host = batch_tensors(batch)
+        size = mib(host)
         for memory, src in (("pageable", host), ("pinned", [t.pin_memory() for t in host])):
             def copy(src: list[torch.Tensor] = src) -> None:
                 to_device(src, device)
                 sync(device)
 
             sec = best_time(copy, reps)
-            rows.append({"batch": name, "memory": memory, "mib": mib, "ms": 1e3 * sec, "gb_s": mib * 2**20 / sec / 1e9})
+            rows.append({"batch": name, "memory": memory, "mib": size, "ms": 1e3 * sec, "gb_s": size * 2**20 / sec / 1e9})
     return rows
 
 
