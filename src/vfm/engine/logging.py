@@ -38,7 +38,6 @@ class TensorBoardLogger(NullLogger):
     """
 
     def __init__(self, save_dir: str | Path = ".", subdir: str = "tb", flush_secs: int = 30) -> None:
-
         super().__init__(save_dir)
         self.log_dir = Path(save_dir) / subdir
         self.flush_secs = flush_secs
