@@ -115,6 +115,8 @@ def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
 def test_two_process_gloo_torchrun(method, tmp_path, mim_artifacts):
     run = tmp_path / "ddp"
     extra = ["method.centering=sinkhorn_knopp"] if method == "dinov2" else []
+    # VFM_TEST_STRATEGY=fsdp runs every method sharded (the default suite covers FSDP in tests/engine/test_fsdp.py)
+    extra.append(f"trainer.strategy={os.environ.get('VFM_TEST_STRATEGY', 'ddp')}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "vfm.pretrain", *tiny_method_overrides(method, mim_artifacts), *extra, "trainer.max_epochs=1",
            "eval.baseline=false", f"hydra.run.dir={run}"]
