@@ -90,3 +90,54 @@ def test_channels_last_converts_image_batches_only():
     assert torch.equal(out["crops"][0], batch["crops"][0])
     assert out["tokens"].is_contiguous()  # integer tensors are left alone
     assert torch.equal(out["label"], batch["label"])
+
+
+def _tiny_data():
+    return TensorImageDataset(torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (64,)))
+
+
+@pytest.mark.parametrize(("eval_last_epoch", "expected"), [(False, [1, 2]), (True, [1, 2, 3])])
+def test_evaluate_fn_after_the_last_epoch_only_on_request(tmp_path, eval_last_epoch, expected):
+    seen = []
+    trainer = Trainer(max_epochs=3, batch_size=16, precision="fp32", device="cpu", progress=False)
+    out = trainer.fit(
+        Regression(), _tiny_data(), collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={},
+        run_dir=tmp_path, evaluate_fn=lambda enc, epoch: seen.append(epoch) or {"acc": 1.0},
+        eval_every_n_epochs=1, eval_last_epoch=eval_last_epoch,
+    )
+    assert seen == expected
+    assert [h.get("acc") for h in out["history"]] == [1.0] * len(expected) + [None] * (3 - len(expected))
+
+
+def _single_on_rank0(rank: int, port: int, run_dir: str) -> None:
+    """Rank 0 trains alone under strategy=single while rank 1 waits at a barrier: any collective
+    issued by the training would pair with that barrier and fail or hang (the timeout)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:
+            trainer = Trainer(max_epochs=2, batch_size=16, precision="fp32", device="cpu", progress=False,
+                              strategy="single")
+            out = trainer.fit(Regression(), _tiny_data(), collate, optim=OptimSpec(blr=0.1, warmup_epochs=0),
+                              schedules={}, run_dir=run_dir, evaluate_fn=lambda enc, epoch: {"acc": 1.0},
+                              eval_every_n_epochs=1, eval_last_epoch=True)
+            # the whole dataset in this process: 64 images / 16 = 4 steps per epoch
+            assert out["steps_per_epoch"] == 4 and out["step"] == 8, out
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_strategy_single_trains_on_one_rank_of_a_process_group(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_single_on_rank0, args=(port, str(tmp_path)), nprocs=2, join=True)
+    state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)
+    assert state["step"] == 8 and state["steps_per_epoch"] == 4

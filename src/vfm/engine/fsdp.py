@@ -38,7 +38,7 @@ __all__ = [
     "shard",
 ]
 
-STRATEGIES = ("ddp", "fsdp")
+STRATEGIES = ("ddp", "fsdp", "single")
 
 _STAGE = re.compile(r"layer\d+")
 

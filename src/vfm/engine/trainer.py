@@ -109,7 +109,9 @@ class Trainer:
             ViTs convolve only in the patch embedding and are left as they are).
         strategy: with several processes, "ddp" (a full replica per process) or "fsdp" (FSDP2:
             parameters, gradients and optimizer state sharded over the processes; see
-            `vfm.engine.fsdp`). Checkpoints have the same format under both.
+            `vfm.engine.fsdp`). Checkpoints have the same format under both. "single" trains in
+            this process alone even when torch.distributed is initialised (rank 0 of a run
+            fine-tuning while the others wait): no collectives, the whole batch here.
         augment_on_device: run the batch augmentation (crops, colour, blur, masks) on the training
             device after the transfer instead of in the DataLoader workers, which then only decode
             and stack uint8 images; same random parameters either way (the batch seed travels).
@@ -204,15 +206,18 @@ class Trainer:
         evaluate_fn: Callable[[nn.Module, int], dict[str, float]] | None = None,
         eval_every_n_epochs: int = 0,
         extra_state: dict[str, Any] | None = None,
+        eval_last_epoch: bool = False,
     ) -> dict[str, Any]:
         """Train `method` and return {"step", "epoch", "metrics", "history"}.
 
         Afterwards `method` holds the trained weights, on the training device (under
         `strategy=fsdp`: on rank 0 only; the other ranks' copy is not updated).
 
-        `evaluate_fn(encoder, epoch)` runs on rank 0 every `eval_every_n_epochs` epochs.
+        `evaluate_fn(encoder, epoch)` runs on rank 0 every `eval_every_n_epochs` epochs, except
+        after the last one (the caller evaluates the final weights) unless `eval_last_epoch`.
         """
-        rank, world = vdist.get_rank(), vdist.get_world_size()
+        single = self.strategy == "single"
+        rank, world = (0, 1) if single else (vdist.get_rank(), vdist.get_world_size())
         is_main = rank == 0
         logger = logger if (logger is not None and is_main) else NullLogger()
         device = select_device(self.device_name)
@@ -311,6 +316,16 @@ class Trainer:
         if self.compile:
             model = torch.compile(model)
 
+        # collectives, local no-ops under strategy=single (torch.distributed may still be initialised)
+        def any_flag(flag: bool) -> bool:
+            return flag if single else vdist.all_reduce_max_flag(flag, device)
+
+        def max_int(value: int) -> int:
+            return value if single else vdist.all_reduce_max_int(value, device)
+
+        barrier = (lambda: None) if single else vdist.barrier
+        wait_for_main = (lambda: None) if single else vdist.wait_for_main
+
         synced_step = step  # FSDP: the step whose weights `method` holds on rank 0
 
         def sync_method() -> None:
@@ -382,7 +397,7 @@ class Trainer:
                             out = model(batch, step, sched)
                         loss = out["loss"]
                         loss_value = float(loss.detach())  # one device sync per micro-step, reused below
-                        if vdist.all_reduce_max_flag(not math.isfinite(loss_value), device):
+                        if any_flag(not math.isfinite(loss_value)):
                             msg = (
                                 f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}) on at least "
                                 f"one process; lower optim.blr, raise optim.warmup_epochs, or use trainer.precision=fp32/bf16"
@@ -424,10 +439,10 @@ class Trainer:
                     if self.ckpt_every_n_steps and step % self.ckpt_every_n_steps == 0:
                         checkpoint("last.pt")
                     # every process stops after the same step, whichever of them got the signal
-                    signum = vdist.all_reduce_max_int(stop.signum or 0, device)
+                    signum = max_int(stop.signum or 0)
                     if signum:
                         path = checkpoint("last.pt")
-                        vdist.barrier()  # rank 0 has written it before any process exits
+                        barrier()  # rank 0 has written it before any process exits
                         raise Preempted(signum, step, str(path))
                     if step >= last_step:
                         break
@@ -439,7 +454,7 @@ class Trainer:
                     "images_per_s": n_images / max(dt, 1e-9), "seconds": dt,
                 }
                 if epoch_done and evaluate_fn is not None and eval_every_n_epochs and (epoch + 1) % eval_every_n_epochs == 0 \
-                        and epoch + 1 < self.max_epochs:
+                        and (eval_last_epoch or epoch + 1 < self.max_epochs):
                     sync_method()
                     if is_main:
                         if sharded:
@@ -449,7 +464,7 @@ class Trainer:
                         summary.update(metrics)
                         if sharded:
                             method.to("cpu")
-                    vdist.wait_for_main()
+                    wait_for_main()
                 if skipped_files is not None:  # corrupt inputs replaced by the dataset (bad_files=skip)
                     summary["skipped_files"] = skipped_files()
                 history.append(summary)
@@ -467,7 +482,7 @@ class Trainer:
                 checkpoint("last.pt")
                 if epoch_done and self.ckpt_every_n_epochs and (epoch + 1) % self.ckpt_every_n_epochs == 0:
                     checkpoint(f"epoch_{epoch + 1:04d}.pt")
-                vdist.barrier()
+                barrier()
         if sharded:
             sync_method()  # a no-op when the last checkpoint was written at this step
             del model, net, optimizer  # free the shards before the caller evaluates `method`
