@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vfm.data.batch import Batch
 from vfm.data.datasets import TensorImageDataset
 from vfm.data.transforms import MultiCropAugmentation
 
@@ -249,13 +250,13 @@ class _DeferrableCollate:
     # A class attribute, so collates pickled before deferral existed unpickle as not deferred.
     _deferred: bool = False
 
-    def _deferred_batch(self, samples: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    def _deferred_batch(self, samples: Sequence[tuple[Any, ...]]) -> Batch:
         raise NotImplementedError
 
-    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+    def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         raise NotImplementedError
 
-    def __call__(self, samples: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+    def __call__(self, samples: Sequence[tuple[Any, ...]]) -> Batch:
         batch = self._deferred_batch(samples)
         return batch if self._deferred else self.finish(batch)
 
@@ -272,7 +273,7 @@ class _DeferrableCollate:
         twin._deferred = True
         return twin
 
-    def finish(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def finish(self, batch: Batch) -> Batch:
         """Complete a deferred batch on the device of its ``"images"``: exactly the batch the plain
         collate would have returned, with every tensor on that device. Any other batch is returned
         unchanged, so a training loop can call this whatever the loader produced.
@@ -314,14 +315,14 @@ class MultiCropCollate(_DeferrableCollate):
             raise ValueError("MultiCropCollate: masking needs the backbone's patch_size")
         self.augment, self.masking, self.patch_size = augment, masking, patch_size
 
-    def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
+    def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> Batch:
         images, labels, seed = _stack_samples(samples, "MultiCropCollate")
         return {"images": images, "seed": seed, "label": labels}
 
-    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+    def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         generator = torch.Generator().manual_seed(seed)
         labels = batch["label"]
-        out: dict[str, Any] = {"crops": self.augment(images, generator), "label": labels}
+        out: Batch = {"crops": self.augment(images, generator), "label": labels}
         if self.masking is not None:
             grid = self.augment.global_crop_size // self.patch_size
             out["masks"] = [
@@ -363,7 +364,7 @@ class SupervisedCollate(_DeferrableCollate):
             fill = tuple(int(round(255 * m)) for m in augment.mean)
             self.randaugment = rand_augment_transform(randaugment, {"translate_const": 0.45, "img_mean": fill})
 
-    def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> dict[str, Any]:
+    def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> Batch:
         from PIL import Image
 
         images, labels, seed = _stack_samples(samples, "SupervisedCollate")
@@ -381,12 +382,12 @@ class SupervisedCollate(_DeferrableCollate):
                 images = torch.stack(out)
             if self.mixup is not None:
                 mix_rng = random.getstate(), np.random.get_state()
-        batch: dict[str, Any] = {"images": images, "seed": seed, "label": labels}
+        batch: Batch = {"images": images, "seed": seed, "label": labels}
         if mix_rng is not None:
             batch["mix_rng"] = mix_rng
         return batch
 
-    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+    def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         labels = batch["label"]
         crops = self.augment(images, torch.Generator().manual_seed(seed))
         if self.mixup is not None:
@@ -428,7 +429,7 @@ class ImageTextCollate(_DeferrableCollate):
             raise TypeError("ImageTextCollate: augment and tokenizer must both be callables")
         self.augment, self.tokenizer = augment, tokenizer
 
-    def _deferred_batch(self, samples: Sequence[tuple[Tensor, str, int, int]]) -> dict[str, Any]:
+    def _deferred_batch(self, samples: Sequence[tuple[Tensor, str, int, int]]) -> Batch:
         seed = _batch_seed_of(samples, "ImageTextCollate", "(image, caption, label, seed)")
         captions = [s[1] for s in samples]
         if not all(isinstance(c, str) for c in captions):
@@ -448,7 +449,7 @@ class ImageTextCollate(_DeferrableCollate):
             )
         return {"images": images, "seed": seed, "text": text, "captions": captions, "label": labels}
 
-    def _finish(self, batch: dict[str, Any], images: Tensor, seed: int) -> dict[str, Any]:
+    def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         generator = torch.Generator().manual_seed(seed)
         crops = self.augment(images, generator)
         return {"crops": crops, "text": batch["text"], "captions": batch["captions"], "label": batch["label"]}
