@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vfm.data.loader import ImageTextCollate, MultiCropCollate, SupervisedCollate
+from vfm.data.loader import Collate, ImageTextCollate, MultiCropCollate, SupervisedCollate
 from vfm.data.masking import sample_masks
 from vfm.data.transforms import MultiCropAugmentation
 
@@ -277,3 +277,23 @@ def test_finish_on_cuda_draws_the_same_random_parameters(case: str, monkeypatch:
     if "target" in expected:
         torch.testing.assert_close(out["target"].cpu(), expected["target"], atol=1e-6, rtol=0)
     assert torch.equal(out["label"].cpu(), expected["label"])
+
+
+def test_every_training_collate_is_a_collate_that_can_defer() -> None:
+    for make, _ in CASES.values():
+        collate = make()
+        assert isinstance(collate, Collate) and collate.deferred().is_deferred
+
+
+def test_a_collate_that_cannot_defer_says_which_option_to_turn_off() -> None:
+    class Plain(Collate):
+        can_defer = False
+
+        def __call__(self, samples):
+            return {"crops": [torch.stack([s[0] for s in samples]).float()]}
+
+    plain = Plain()
+    assert plain.finish({"crops": []}) == {"crops": []}  # a batch that is not deferred passes through
+    with pytest.raises(ValueError, match=r"trainer\.augment_on_device=true: the collate Plain cannot defer .*"
+                                         r"set trainer\.augment_on_device=false"):
+        plain.deferred()

@@ -32,7 +32,7 @@ import copy
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from vfm.data.datasets import TensorImageDataset
 from vfm.data.transforms import MultiCropAugmentation
 
 __all__ = [
+    "Collate",
     "ImageTextCollate",
     "MultiCropCollate",
     "SupervisedCollate",
@@ -236,17 +237,21 @@ def _global_rng(*, seed: int | None = None, state: _GlobalRngState | None = None
         np.random.set_state(saved[1])
 
 
-_C = TypeVar("_C", bound="_DeferrableCollate")
+_C = TypeVar("_C", bound="Collate")
 
 
-class _DeferrableCollate:
-    """``deferred()`` / ``finish()`` of the training collates (see the module docstring).
+class Collate:
+    """Base of the training collates: ``collate(samples) -> Batch``, plus ``deferred()`` /
+    ``finish()`` (see the module docstring), so the trainer calls them without probing.
 
     A subclass builds the deferred batch in ``_deferred_batch`` (cheap, CPU-only work) and the rest
     in ``_finish``; the plain ``__call__`` is the two in a row, so the deferred path cannot drift
-    from it.
+    from it. A collate that cannot split its work that way overrides ``__call__`` and sets
+    ``can_defer = False``: its ``deferred()`` then raises, naming the option to turn off.
     """
 
+    #: Whether ``deferred()`` works (``trainer.augment_on_device=true`` needs it).
+    can_defer: ClassVar[bool] = True
     # A class attribute, so collates pickled before deferral existed unpickle as not deferred.
     _deferred: bool = False
 
@@ -268,7 +273,15 @@ class _DeferrableCollate:
     def deferred(self: _C) -> _C:
         """A shallow copy whose batches carry uint8 ``"images"`` and the batch ``"seed"`` instead of
         ``"crops"``: the loader workers only decode and stack, :meth:`finish` augments wherever
-        the batch has been moved (e.g. the GPU)."""
+        the batch has been moved (e.g. the GPU).
+
+        Raises ``ValueError`` (naming ``trainer.augment_on_device``) for a collate that cannot defer.
+        """
+        if not self.can_defer:
+            raise ValueError(
+                f"trainer.augment_on_device=true: the collate {type(self).__name__} cannot defer its augmentation "
+                "to the device; set trainer.augment_on_device=false"
+            )
         twin = copy.copy(self)
         twin._deferred = True
         return twin
@@ -292,7 +305,7 @@ class _DeferrableCollate:
             return self._finish(rest, images, seed)
 
 
-class MultiCropCollate(_DeferrableCollate):
+class MultiCropCollate(Collate):
     """Collate for multi-crop methods (DINO, iBOT, DINOv2): stack the uint8 images and augment the
     batch with a generator seeded by the batch seed.
 
@@ -332,7 +345,7 @@ class MultiCropCollate(_DeferrableCollate):
         return out
 
 
-class SupervisedCollate(_DeferrableCollate):
+class SupervisedCollate(Collate):
     """Collate for supervised pretraining (DeiT recipe): per-image RandAugment (timm, on PIL images),
     the batched crop/flip/normalise of `augment`, then Mixup/CutMix with label smoothing (timm `Mixup`).
 
@@ -401,7 +414,7 @@ class SupervisedCollate(_DeferrableCollate):
         return {"crops": crops, "label": labels, "target": target}
 
 
-class ImageTextCollate(_DeferrableCollate):
+class ImageTextCollate(Collate):
     """Collate for image–text methods (CLIP): stack the uint8 images, augment the batch with a
     generator seeded by the batch seed, and tokenize the captions.
 
