@@ -27,10 +27,8 @@ can call it unconditionally; ``trainer.augment_on_device`` is the option that tu
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -42,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vfm.data.batch import Batch
 from vfm.data.datasets import TensorImageDataset
 from vfm.data.transforms import MultiCropAugmentation
+from vfm.rng import global_rng, global_rng_state
 
 __all__ = [
     "Collate",
@@ -209,34 +208,6 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-# The Python and NumPy global generator states, as returned by ``random.getstate()`` and
-# ``np.random.get_state()``.
-_GlobalRngState = tuple[tuple[Any, ...], tuple[Any, ...]]
-
-
-@contextlib.contextmanager
-def _global_rng(*, seed: int | None = None, state: _GlobalRngState | None = None) -> Iterator[None]:
-    """Run a block on Python's and NumPy's global generators set from ``seed`` (or to ``state``),
-    then put back what was there, so timm's global-state randomness is reproducible per batch and
-    leaves the training process's own streams untouched."""
-    saved = random.getstate(), np.random.get_state()
-    try:
-        if state is not None:
-            py, npy = state
-            # Rebuilt field by field: a batch's trip through pin_memory / a device move may have
-            # turned the tuples into lists, which random.setstate rejects.
-            random.setstate((int(py[0]), tuple(int(v) for v in py[1]), py[2]))
-            np.random.set_state((str(npy[0]), np.asarray(npy[1], dtype=np.uint32), int(npy[2]), int(npy[3]),
-                                 float(npy[4])))
-        elif seed is not None:
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-
-
 _C = TypeVar("_C", bound="Collate")
 
 
@@ -384,7 +355,7 @@ class SupervisedCollate(Collate):
         if self.mixup is not None and len(labels) % 2:
             raise ValueError(f"Mixup needs an even per-process batch size, got {len(labels)}")
         mix_rng = None
-        with _global_rng(seed=seed):
+        with global_rng(seed=seed):
             if self.randaugment is not None:
                 out = []
                 for img in images:
@@ -394,7 +365,7 @@ class SupervisedCollate(Collate):
                     out.append(torch.from_numpy(res.copy()).reshape(arr.shape).permute(2, 0, 1))
                 images = torch.stack(out)
             if self.mixup is not None:
-                mix_rng = random.getstate(), np.random.get_state()
+                mix_rng = global_rng_state()
         batch: Batch = {"images": images, "seed": seed, "label": labels}
         if mix_rng is not None:
             batch["mix_rng"] = mix_rng
@@ -404,7 +375,7 @@ class SupervisedCollate(Collate):
         labels = batch["label"]
         crops = self.augment(images, torch.Generator().manual_seed(seed))
         if self.mixup is not None:
-            with _global_rng(state=batch["mix_rng"]):
+            with global_rng(state=batch["mix_rng"]):
                 x, target = self.mixup(crops[0], labels)
             crops = [x]
         else:
