@@ -7,6 +7,7 @@ import torch
 import torchvision.transforms as TT
 import torchvision.transforms.functional as TF
 
+from vfm.data import photometric as P
 from vfm.data import transforms as T
 from vfm.data.transforms import MultiCropAugmentation, normalize
 
@@ -101,10 +102,10 @@ def test_crop_boxes_follow_torchvision_random_resized_crop() -> None:
 @pytest.mark.parametrize(
     ("ours", "reference", "factors"),
     [
-        (T._adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4]),
-        (T._adjust_contrast, TF.adjust_contrast, [0.6, 1.0, 1.4]),
-        (T._adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2]),
-        (T._adjust_hue, TF.adjust_hue, [-0.1, 0.03, 0.1]),
+        (P.adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4]),
+        (P.adjust_contrast, TF.adjust_contrast, [0.6, 1.0, 1.4]),
+        (P.adjust_saturation, TF.adjust_saturation, [0.8, 1.0, 1.2]),
+        (P.adjust_hue, TF.adjust_hue, [-0.1, 0.03, 0.1]),
     ],
     ids=["brightness", "contrast", "saturation", "hue"],
 )
@@ -130,7 +131,7 @@ def test_grayscale_images_supported() -> None:
 
 def test_solarize() -> None:
     x = torch.tensor([0.0, 0.25, 0.49, 0.5, 0.75, 1.0])
-    assert torch.allclose(T._solarize(x), torch.tensor([0.0, 0.25, 0.49, 0.5, 0.25, 0.0]))
+    assert torch.allclose(P.solarize(x), torch.tensor([0.0, 0.25, 0.49, 0.5, 0.25, 0.0]))
     imgs = images(size=12)
     plain = {**PLAIN, "solarize_p": (1.0, 1.0, 1.0)}
     out = MultiCropAugmentation(global_crop_size=12, local_crop_size=4, flip_p=0.0, **plain)(imgs)[0]
@@ -141,12 +142,12 @@ def test_solarize() -> None:
 def test_blur() -> None:
     # A constant image stays constant (the kernel sums to one, reflect padding adds no border).
     const = torch.full((3, 2, 10, 10), 0.3)
-    torch.testing.assert_close(T._gaussian_blur(const, torch.tensor([0.5, 1.0, 2.0])), const)
+    torch.testing.assert_close(P.gaussian_blur(const, torch.tensor([0.5, 1.0, 2.0])), const)
     # Per-sample sigmas equal torchvision's (exact) gaussian_blur with the same kernel radius.
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.7, 1.3])  # radius ceil(3 * 1.3) = 4 -> kernel 9
     want = torch.stack([TF.gaussian_blur(x[i], [9, 9], [float(s)] * 2) for i, s in enumerate(sigma)])
-    torch.testing.assert_close(T._gaussian_blur(x, sigma), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(P.gaussian_blur(x, sigma), want, atol=1e-5, rtol=0)
     # Through the pipeline: always-on blur keeps a constant image's mean.
     flat = torch.full((2, 1, 24, 24), 77, dtype=torch.uint8)
     out = MultiCropAugmentation(global_crop_size=24, local_crop_size=8, **{**PLAIN, "blur_p": (1.0, 1.0, 1.0)})(flat)

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vfm.data import photometric as P
+
 __all__ = ["MultiCropAugmentation", "normalize"]
 
-# ITU-R 601-2 luma, the weights torchvision's rgb_to_grayscale (and PIL's convert("L")) use.
-_LUMA = (0.2989, 0.587, 0.114)
 # DINO's blur radii are pixels of a 224-px global crop; we rescale them to the actual resolution.
 _REFERENCE_SIZE = 224
 
@@ -280,7 +280,7 @@ class MultiCropAugmentation:
         gray = gray_u < self.grayscale_p
         if c == 3 and gray.any():
             idx = gray.nonzero().squeeze(1).to(dev)
-            out[idx] = _grayscale(out[idx]).expand(-1, 3, -1, -1)
+            out[idx] = P.grayscale(out[idx]).expand(-1, 3, -1, -1)
 
         # 4. Gaussian blur with a per-sample sigma.
         blur = blur_u < blur_p
@@ -289,13 +289,13 @@ class MultiCropAugmentation:
             lo, hi = self.blur_sigma
             sigma = (lo + (hi - lo) * sigma_u[idx]) * self.sigma_scale
             idx = idx.to(dev)
-            out[idx] = _gaussian_blur(out[idx], sigma)
+            out[idx] = P.gaussian_blur(out[idx], sigma)
 
         # 5. Solarization, PIL ImageOps.solarize(threshold=128) on [0, 1].
         solar = solar_u < solarize_p
         if solar.any():
             idx = solar.nonzero().squeeze(1).to(dev)
-            out[idx] = _solarize(out[idx])
+            out[idx] = P.solarize(out[idx])
         return out
 
     def _color_jitter(self, x: Tensor, apply: Tensor, u: Tensor, order: Tensor) -> Tensor:
@@ -312,7 +312,7 @@ class MultiCropAugmentation:
             (2 * u[:, 3] - 1) * self.hue,
         ]
         strengths = [self.brightness, self.contrast, self.saturation, self.hue]
-        ops = [_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue]
+        ops = [P.adjust_brightness, P.adjust_contrast, P.adjust_saturation, P.adjust_hue]
         rgb = x.shape[1] == 3
         for pos in range(4):
             for op in range(4):
@@ -367,92 +367,3 @@ def _sample_crop_boxes(
     top = torch.where(found, top, fb(float((height - fh) // 2), dtype=torch.float64))
     left = torch.where(found, left, fb(float((width - fw) // 2), dtype=torch.float64))
     return top.float(), left.float(), h.float(), w.float()
-
-
-def _grayscale(x: Tensor) -> Tensor:
-    """[n, 3, H, W] -> [n, 1, H, W] luma; 1-channel input is returned as is."""
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
-
-
-def _blend(a: Tensor, b: Tensor, factor: Tensor) -> Tensor:
-    """``factor * a + (1 - factor) * b`` clamped to [0, 1] (torchvision's ``_blend``), per sample."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * a + (1 - f) * b).clamp_(0, 1)
-
-
-def _adjust_brightness(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, torch.zeros_like(x), f)
-
-
-def _adjust_contrast(x: Tensor, f: Tensor) -> Tensor:
-    # Blend towards the mean luma of the whole image (a per-sample scalar).
-    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, f)
-
-
-def _adjust_saturation(x: Tensor, f: Tensor) -> Tensor:
-    return _blend(x, _grayscale(x), f)
-
-
-def _adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    h, s, v = _rgb_to_hsv(x)
-    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(h, s, v)
-
-
-def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """[n, 3, H, W] in [0, 1] -> hue, saturation, value [n, H, W], hue in [0, 1)."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    delta = maxc - minc
-    s = delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc))
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    hr = (g - b) / safe
-    hg = (b - r) / safe + 2.0
-    hb = (r - g) / safe + 4.0
-    h = torch.where(maxc == r, hr, torch.where(maxc == g, hg, hb))
-    h = torch.where(delta > 0, torch.remainder(h / 6.0, 1.0), torch.zeros_like(h))
-    return h, s, maxc
-
-
-def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
-    h6 = h * 6.0
-    i = torch.floor(h6)
-    f = h6 - i
-    i = i.long() % 6
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    # For each of the 6 hue sectors, which of (v, q, p, t) is R, G, B.
-    candidates = torch.stack([v, q, p, t], dim=1)  # [n, 4, H, W]
-    table = torch.tensor([[0, 3, 2], [1, 0, 2], [2, 0, 3], [2, 1, 0], [3, 2, 0], [0, 2, 1]], device=h.device)
-    sel = table[i].permute(0, 3, 1, 2)  # [n, 3, H, W]
-    return torch.gather(candidates, 1, sel)
-
-
-def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
-    """Separable Gaussian blur with a per-sample ``sigma`` [n] (pixels), reflect padding."""
-    n, c, height, width = x.shape
-    radius = max(1, math.ceil(3 * float(sigma.max())))
-    radius = min(radius, height - 1, width - 1)  # reflect padding needs pad < size
-    if radius < 1:
-        return x
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
-    kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None].to(x.device) ** 2))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)  # [n, K], each sums to 1 (keeps the mean)
-    kernel = kernel.repeat_interleave(c, dim=0)  # one kernel per (sample, channel) group
-    k = 2 * radius + 1
-    # Fold the batch into channels so every sample gets its own kernel in one grouped conv.
-    y = x.reshape(1, n * c, height, width)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, k), groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(n * c, 1, k, 1), groups=n * c)
-    return y.reshape(n, c, height, width)
-
-
-def _solarize(x: Tensor) -> Tensor:
-    """Invert the pixels at or above the threshold 0.5 (PIL's 128 of 255), keep the rest."""
-    return torch.where(x >= 0.5, 1.0 - x, x)
