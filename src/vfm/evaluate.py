@@ -38,6 +38,7 @@ from vfm.engine.checkpoint import CheckpointError
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
 from vfm.evaluators.suite import run_evaluators
+from vfm.methods.base import Method
 
 log = logging.getLogger("vfm.evaluate")
 register_resolvers()
@@ -64,7 +65,7 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
         raise CheckpointError(str(e)) from e
 
 
-def load_method(checkpoint: str) -> torch.nn.Module:
+def load_method(checkpoint: str) -> Method:
     """The whole pretraining method of a `pretrain` checkpoint (or run directory), rebuilt from the
     config stored inside it, with its weights (e.g. CLIP's text tower and projections)."""
     from vfm.pretrain import build_method
@@ -97,10 +98,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
     text_model = None
     if any(getattr(ev, "needs_text_model", False) for ev in evaluators.values()):
-        text_model = load_method(str(cfg.checkpoint))  # zero-shot needs the whole image-text model
-        if not hasattr(text_model, "encode_text"):
+        method = load_method(str(cfg.checkpoint))  # zero-shot needs the whole image-text model
+        text_model = method.text_model
+        if text_model is None:
             raise ConfigError(f"evaluator=[zero_shot] needs an image-text checkpoint (method=clip); "
-                              f"{cfg.checkpoint} is a {type(text_model).__name__} run")
+                              f"{cfg.checkpoint} is a {type(method).__name__} run")
         text_model = text_model.to(device).eval()
         encoder, key = text_model.encoder, f"{Path(str(cfg.checkpoint)).resolve()}-clip"
     else:

@@ -33,11 +33,11 @@ from vfm.config import (
     run_or_exit,
     validate_pretrain,
 )
-from vfm.data.loader import MultiCropCollate
 from vfm.engine.logging import NullLogger
 from vfm.engine.preemption import Preempted, requeue_slurm_job
 from vfm.engine.trainer import select_device
 from vfm.evaluators.suite import run_evaluators
+from vfm.methods.base import Method
 
 log = logging.getLogger("vfm.pretrain")
 register_resolvers()
@@ -49,7 +49,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_method(cfg: DictConfig) -> torch.nn.Module:
+def build_method(cfg: DictConfig) -> Method:
     """Backbone + method from the config, seeded so the same config always gives the same init."""
     seed_everything(cfg.trainer.seed)
     backbone = instantiate(cfg.backbone)
@@ -115,10 +115,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = build_method(cfg)
     augment = instantiate(cfg.method.augment)
     masking = instantiate(cfg.method.masking) if cfg.method.get("masking") is not None else None
-    if hasattr(method, "build_collate"):  # methods with their own batch format (captions, soft labels)
-        collate = method.build_collate(augment)
-    else:
-        collate = MultiCropCollate(augment, masking=masking, patch_size=getattr(method.encoder, "patch_size", None))
+    collate = method.build_collate(augment, masking)
     schedules = {k: instantiate(v) for k, v in (cfg.method.get("schedules") or {}).items()}
     optim = instantiate(cfg.optim)
     trainer = instantiate(cfg.trainer)
@@ -132,7 +129,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision,
                    progress=trainer.progress, distributed=False)
 
-    text_model = method if hasattr(method, "encode_text") else None  # image-text methods: zero-shot
+    text_model = method.text_model  # image-text methods: zero-shot
 
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
         visualize(encoder, splits, run_dir, logger, epoch, method=method, masking=masking)
@@ -151,8 +148,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         encoder = method.encoder
         _export(method, run_dir, cfg)
         visualize(encoder, splits, run_dir, logger, cfg.trainer.max_epochs, method=method, masking=masking)
-        if hasattr(method, "codebook_report"):  # tokenizers: codebook usage on the validation images
-            metrics.update(_codebook_report(method, splits))
+        metrics.update(_method_report(method, splits))  # e.g. a tokenizer's codebook usage
         cache = run_dir / "features" if cfg.eval.cache_features else None
         # work_dir: fine-tuning keeps its state in <run>/eval/finetune, so running the same
         # command again (training already done) resumes it
@@ -195,14 +191,14 @@ def visualize(
     """Attention maps and patch PCA of the first validation images, and reconstructions for
     methods that reconstruct (MAE): PNGs in <run>/viz and TensorBoard images (ViT encoders only;
     a no-op for CNNs)."""
-    if not getattr(encoder, "has_patch_tokens", False):
+    if not encoder.has_patch_tokens:
         return
     from vfm.viz import render_figures, save_png
 
     images = _first_val_images(splits, n)
     grids = render_figures(encoder, images, mean=splits.mean, std=splits.std)
-    if method is not None and hasattr(method, "reconstruct") and masking is not None:
-        grids["reconstruction"] = _reconstructions(method, images, splits, masking)
+    if method is not None:
+        grids.update(method.visualizations(images, mean=splits.mean, std=splits.std, masking=masking))
     for name, grid in grids.items():
         save_png(grid, run_dir / "viz" / f"{name}_epoch{epoch:04d}.png")
         logger.log_image(f"viz/{name}", grid, epoch)
@@ -214,38 +210,23 @@ def _first_val_images(splits: Any, n: int) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 
-def _codebook_report(method: torch.nn.Module, splits: Any, n: int = 5000) -> dict[str, float]:
+def _method_report(method: Method, splits: Any) -> dict[str, float]:
+    """`method.report` on the first `method.report_images` validation images (none for most methods)."""
     from vfm.data.transforms import normalize
 
-    images = normalize(_first_val_images(splits, n), splits.mean, splits.std)
-    report = method.codebook_report(images)
-    log.info("codebook on %d validation images: %s", len(images), ", ".join(f"{k}={v:.4g}" for k, v in report.items()))
+    if method.report_images == 0:
+        return {}
+    images = normalize(_first_val_images(splits, method.report_images), splits.mean, splits.std)
+    report = method.report(images)
+    log.info("%s on %d validation images: %s", type(method).__name__, len(images),
+             ", ".join(f"{k}={v:.4g}" for k, v in report.items()))
     return report
 
 
-def _reconstructions(method: torch.nn.Module, images: torch.Tensor, splits: Any, masking: Any) -> torch.Tensor:
-    from vfm.data.transforms import normalize
-    from vfm.viz.reconstruction import denormalize, reconstruction_grid
-
-    p = method.patch_size
-    device = next(method.parameters()).device
-    x = normalize(images, splits.mean, splits.std).to(device)
-    mask = masking(batch_size=len(x), grid_size=x.shape[-1] // p, generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = method.training
-    method.eval()
-    try:
-        rec = method.reconstruct(x, mask)
-    finally:
-        method.train(was_training)
-    return reconstruction_grid(images, denormalize(rec, splits.mean, splits.std), mask, p)
-
-
-def _export(method: torch.nn.Module, run_dir: Path, cfg: DictConfig) -> None:
-    encoder = method.encoder
-    if hasattr(encoder, "export"):
-        path = encoder.export(run_dir / "encoder.safetensors")
-        log.info("exported encoder weights (timm %s) to %s", cfg.backbone.name, path)
-    for path in getattr(method, "export_artifacts", lambda _: [])(run_dir):  # e.g. a trained tokenizer
+def _export(method: Method, run_dir: Path, cfg: DictConfig) -> None:
+    path = method.encoder.export(run_dir / "encoder.safetensors")
+    log.info("exported encoder weights (timm %s) to %s", cfg.backbone.name, path)
+    for path in method.export_artifacts(run_dir):  # e.g. a trained tokenizer
         log.info("exported %s", path)
 
 

@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, str]:
         raise ConfigError(f"checkpoint={cfg.checkpoint}: {e}") from None
     splits = instantiate(cfg.dataset)
     images = first_images(splits, str(cfg.split), int(cfg.num_images))
-    in_chans = getattr(vit.patch_embed.proj, "in_channels", images.shape[1])
+    in_chans = vit.patch_embed.proj.in_channels
     if in_chans != images.shape[1]:
         raise ConfigError(
             f"checkpoint={cfg.checkpoint} takes {in_chans}-channel images but the dataset's have "

@@ -4,21 +4,43 @@ The engine calls, per optimisation step: `forward(batch, step, sched)` (= `train
 through `forward` so DDP sees the call), then backward, `before_optimizer_step`, the optimizer
 step, and `on_step_end` (EMA teachers, centers). `sched` holds this step's value of every schedule
 named in the method's config (`method.schedules`), precomputed by the engine.
+
+Everything else a method may offer is a hook declared here with a no-op default, so the entry
+points call it on every method and never ask `hasattr`:
+
+- `build_collate(augment, masking)`: the collate that builds its batches (default: multi-crop views
+  plus masks when `masking` is set; CLIP tokenizes captions, supervised training mixes labels);
+- `export_artifacts(run_dir)`: files it writes next to the encoder at the end (a tokenizer);
+- `visualizations(images, ...)`: image grids of what it predicts (MAE's reconstructions);
+- `report(images)`: metrics measured on validation images at the end (codebook usage);
+- `text_model`: the image-text model zero-shot evaluators use (CLIP itself), None without one;
+- `needs_captions` / `needs_patch_tokens`: what config validation checks before building it.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from vfm.data.batch import Batch
+from vfm.data.loader import Collate, MultiCropCollate
+
+if TYPE_CHECKING:
+    from vfm.data.transforms import MultiCropAugmentation
 
 
 class Method(nn.Module):
     #: True for methods that consume patch tokens (iBOT, MAE, ...); validated before training
-    needs_patch_tokens: bool = False
+    needs_patch_tokens: ClassVar[bool] = False
+    #: True for methods that train on image-caption pairs (CLIP); validated against the dataset
+    needs_captions: ClassVar[bool] = False
+    #: how many validation images `report` measures at the end (0: it reports nothing, none are read)
+    report_images: ClassVar[int] = 0
     #: attributes holding frozen networks (EVA's teacher, BEiT's tokenizer): kept in eval mode
     #: (no dropout, drop path or BatchNorm updates) whatever mode the method is in
     frozen_modules: tuple[str, ...] = ()
@@ -37,11 +59,11 @@ class Method(nn.Module):
         (DINO, iBOT, DINOv2); methods without a teacher override it."""
         return self.teacher.backbone
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         """Return {"loss": scalar tensor, **values to log}."""
         raise NotImplementedError
 
-    def forward(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         return self.training_step(batch, step, sched)
 
     def before_optimizer_step(self, step: int, sched: Mapping[str, float]) -> None:
@@ -49,6 +71,42 @@ class Method(nn.Module):
 
     def on_step_end(self, step: int, sched: Mapping[str, float]) -> None:
         """After the optimizer step: EMA teachers, momentum centers."""
+
+    def build_collate(self, augment: MultiCropAugmentation, masking: Callable[..., Tensor] | None = None) -> Collate:
+        """The collate that turns `(image, label, seed)` samples into this method's `Batch`.
+
+        Default: `augment`'s views of each image (`crops`) and, when `masking` is given, one patch
+        mask per global view on the encoder's patch grid (`masks`). Methods with another batch
+        format (captions, soft labels) override it.
+        """
+        return MultiCropCollate(augment, masking=masking, patch_size=self.encoder.patch_size)
+
+    def export_artifacts(self, run_dir: Path) -> list[Path]:
+        """Write the files other runs read besides the encoder (e.g. BEiT's tokenizer) into
+        `run_dir` and return their paths; the encoder itself is exported by the entry point."""
+        return []
+
+    def visualizations(
+        self, images: Tensor, *, mean: Sequence[float], std: Sequence[float],
+        masking: Callable[..., Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """{name: float [3, H', W'] grid in [0, 1]} of what the method predicts for `images`
+        (uint8 [n, C, H, W], the dataset's `mean`/`std` normalise them), written next to the
+        attention maps at every evaluation. Default: none."""
+        return {}
+
+    def report(self, images: Tensor) -> dict[str, float]:
+        """Metrics of the trained method itself on the first `report_images` validation images
+        (normalised [M, C, H, W]), added to the final metrics (e.g. a tokenizer's codebook
+        usage). Default: none."""
+        return {}
+
+    @property
+    def text_model(self) -> nn.Module | None:
+        """The image-text model zero-shot evaluators use (a module with `encode_text(list[str])`
+        and `project_image(features)`, see `vfm.evaluators.zero_shot.TextModel`); None for
+        image-only methods."""
+        return None
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters split for the optimizer; `wd_mult` / `lr_mult` scale the schedules.

@@ -14,11 +14,11 @@ DALL-E dVAE encoder. Its code grid must equal the student's patch grid.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vfm.data.batch import Batch
 from vfm.heads.tokenizer import load_tokenizer
 from vfm.losses.mim_losses import masked_token_cross_entropy
 from vfm.methods.base import Method
@@ -53,7 +53,7 @@ class BEiT(Method):
     def encoder(self) -> nn.Module:
         return self.backbone
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         if "masks" not in batch:
             raise ValueError("BEiT needs patch masks in the batch: configure method.masking")
         images, mask = batch["crops"][0], batch["masks"][0]

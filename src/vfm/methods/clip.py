@@ -17,13 +17,14 @@ classifier over the image embeddings.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vfm.data.batch import Batch
 from vfm.data.loader import ImageTextCollate
 from vfm.losses.clip_loss import CLIPLoss
 from vfm.methods.base import Method
@@ -70,9 +71,14 @@ class CLIP(Method):
     def encoder(self) -> nn.Module:
         return self.backbone
 
-    def build_collate(self, augment: Any) -> ImageTextCollate:
-        """Images are augmented and captions tokenized in the data pipeline."""
+    def build_collate(self, augment: Any, masking: Callable[..., Tensor] | None = None) -> ImageTextCollate:
+        """Images are augmented and captions tokenized in the data pipeline (no masks)."""
         return ImageTextCollate(augment, self.text_tower.tokenize)
+
+    @property
+    def text_model(self) -> CLIP:
+        """CLIP is its own text model: zero-shot uses `encode_text` and `project_image`."""
+        return self
 
     def project_image(self, features: Tensor) -> Tensor:
         """Global image features [B, D_img] -> l2-normalised embeddings [B, embed_dim]."""
@@ -88,7 +94,7 @@ class CLIP(Method):
         tokens = {k: v.to(device) for k, v in tokens.items()} if isinstance(tokens, dict) else tokens.to(device)
         return F.normalize(self.text_tower(tokens).float(), dim=-1)
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         if "text" not in batch:
             raise ValueError("CLIP needs captions: use an image-text dataset (e.g. dataset=fashion_mnist_captions)")
         image_emb = self.encode_image(batch["crops"][0])

@@ -14,11 +14,11 @@ epoch in the paper).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
+from vfm.data.batch import Batch
 from vfm.heads.dino_head import DINOHead
 from vfm.losses.dino_loss import DINOLoss
 from vfm.methods.base import Method, ema_update, make_ema_teacher
@@ -82,7 +82,7 @@ class DINO(Method):
         self.loss_fn = DINOLoss(out_dim, student_temp=student_temp, center_momentum=center_momentum)
         self.n_global_crops = n_global_crops
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         crops: list[torch.Tensor] = batch["crops"]
         n_g = self.n_global_crops
         if len(crops) <= n_g:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfm.data.batch import Batch
 from vfm.heads.dino_head import DINOHead
 from vfm.losses.dino_loss import DINOLoss
 from vfm.losses.ibot_loss import iBOTPatchLoss, masked_patch_cross_entropy
@@ -123,7 +124,7 @@ class DINOv2(Method):
         self.ibot_loss.update_center(patch_logits.unsqueeze(0))
         return cls_p, patch_p
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         crops: list[torch.Tensor] = batch["crops"]
         if "masks" not in batch:
             raise ValueError("DINOv2 needs patch masks in the batch: configure method.masking")

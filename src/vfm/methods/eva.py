@@ -14,12 +14,12 @@ this project, or an open_clip / timm weight file with its timm model name (`teac
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vfm.backbones.loading import load_pretrained_encoder
+from vfm.data.batch import Batch
 from vfm.losses.mim_losses import negative_cosine
 from vfm.methods.base import Method
 
@@ -62,7 +62,7 @@ class EVA(Method):
     def encoder(self) -> nn.Module:
         return self.backbone
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         if "masks" not in batch:
             raise ValueError("EVA needs patch masks in the batch: configure method.masking")
         images, mask = batch["crops"][0], batch["masks"][0]

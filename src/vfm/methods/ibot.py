@@ -22,11 +22,11 @@ ViT-S/B setting); otherwise patches get their own head with `patch_out_dim` prot
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
 
+from vfm.data.batch import Batch
 from vfm.heads.dino_head import DINOHead
 from vfm.losses.dino_loss import DINOLoss
 from vfm.losses.ibot_loss import iBOTPatchLoss
@@ -109,7 +109,7 @@ class iBOT(Method):
         self.lambda_cls, self.lambda_patch = lambda_cls, lambda_patch
         self.n_global_crops = n_global_crops
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, torch.Tensor]:
         crops: list[torch.Tensor] = batch["crops"]
         if "masks" not in batch:
             raise ValueError("iBOT needs patch masks in the batch: configure method.masking")

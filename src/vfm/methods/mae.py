@@ -16,16 +16,18 @@ Stages, named as in the official code: `random_masking` -> `forward_encoder` -> 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from vfm.data.batch import Batch
 from vfm.data.patches import patchify, unpatchify
+from vfm.data.transforms import normalize
 from vfm.heads.mae_decoder import MAEDecoder
 from vfm.losses.mae_loss import MAELoss
 from vfm.methods.base import Method
+from vfm.viz.reconstruction import denormalize, reconstruction_grid
 
 
 class MAE(Method):
@@ -96,7 +98,7 @@ class MAE(Method):
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         return self.forward_decoder(latent, ids_restore, grid)
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         if "masks" not in batch:
             raise ValueError("MAE needs per-image masks in the batch: configure method.masking (random_masks)")
         images, mask = batch["crops"][0], batch["masks"][0]
@@ -115,3 +117,23 @@ class MAE(Method):
             pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         return unpatchify(pred, self.patch_size, grid, self.in_chans)
+
+    def visualizations(
+        self, images: Tensor, *, mean: Sequence[float], std: Sequence[float],
+        masking: Callable[..., Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """{"reconstruction": grid}: each image (uint8 [n, C, H, W]), its masked input, the
+        reconstruction and the reconstruction with the visible patches pasted back (MAE Fig. 2),
+        under the training masking with a fixed seed, so every epoch shows the same masks."""
+        if masking is None:
+            return {}
+        x = normalize(images, mean, std).to(next(self.parameters()).device)
+        grid = x.shape[-1] // self.patch_size
+        mask = masking(batch_size=len(x), grid_size=grid, generator=torch.Generator().manual_seed(0)).to(x.device)
+        was_training = self.training
+        self.eval()
+        try:
+            rec = self.reconstruct(x, mask)
+        finally:
+            self.train(was_training)
+        return {"reconstruction": reconstruction_grid(images, denormalize(rec, mean, std), mask, self.patch_size)}

@@ -11,12 +11,13 @@ The loss is the soft-target cross-entropy against the mixed, smoothed labels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from vfm.data.batch import Batch
 from vfm.data.loader import SupervisedCollate
 from vfm.methods.base import Method
 
@@ -58,14 +59,15 @@ class Supervised(Method):
     def encoder(self) -> nn.Module:
         return self.backbone
 
-    def build_collate(self, augment: Any) -> SupervisedCollate:
+    def build_collate(self, augment: Any, masking: Callable[..., Tensor] | None = None) -> SupervisedCollate:
+        """RandAugment, then Mixup/CutMix and label smoothing into soft `target`s (no masks)."""
         return SupervisedCollate(
             augment, num_classes=self.num_classes, label_smoothing=self.label_smoothing, mixup=self.mixup,
             cutmix=self.cutmix, mixup_prob=self.mixup_prob, mixup_switch_prob=self.mixup_switch_prob,
             randaugment=self.randaugment,
         )
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         logits = self.head(self.backbone(batch["crops"][0])).float()
         target = batch["target"]  # [B, K] soft targets (mixed and smoothed)
         loss = torch.sum(-target * torch.log_softmax(logits, dim=-1), dim=-1).mean()

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfm.backbones.loading import load_pretrained_encoder
+from vfm.data.batch import Batch
 from vfm.data.patches import patchify
 from vfm.heads.mae_decoder import MAEDecoder
 from vfm.heads.tokenizer import Tokenizer
@@ -48,6 +48,7 @@ class VQTokenizer(Method):
 
     needs_patch_tokens = True
     frozen_modules = ("teacher",)
+    report_images = 5000  # codebook usage on the validation images
 
     def __init__(
         self,
@@ -104,7 +105,7 @@ class VQTokenizer(Method):
         ids = torch.arange(n, device=z_q.device).expand(b, n)
         return self.decoder(z_q, ids, grid)
 
-    def training_step(self, batch: dict[str, Any], step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
+    def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         images = batch["crops"][0]
         z_q, codes, loss_vq, stats = self.tokenizer.quantize(images)
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
@@ -128,5 +129,10 @@ class VQTokenizer(Method):
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         return {"tokenizer/code_usage": float((counts > 0).double().mean()), "tokenizer/perplexity": float(entropy.exp())}
 
+    def report(self, images: Tensor) -> dict[str, float]:
+        """The codebook usage on the validation images (`codebook_report`)."""
+        return self.codebook_report(images)
+
     def export_artifacts(self, run_dir: Path) -> list[Path]:
+        """`tokenizer.pt`, the file BEiT's `method.tokenizer` reads."""
         return [self.tokenizer.save(Path(run_dir) / "tokenizer.pt")]
