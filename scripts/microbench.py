@@ -165,8 +165,9 @@ def loader_seconds_per_epoch(*, persistent_workers: bool = True, prefetch_factor
     the loader does between epochs: without persistent workers, forking the workers (and their
     copy of the dataset) again and shutting them down.
     """
+    from vfm.data.collate import MultiCropCollate
     from vfm.data.datasets import TensorImageDataset
-    from vfm.data.loader import MultiCropCollate, build_train_loader
+    from vfm.data.loader import build_train_loader
 
     register_resolvers()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):

@@ -27,7 +27,7 @@ import time
 import torch
 import torch.utils.data
 
-import vfm.data.loader as vloader
+import vfm.data.sampler as vsampler
 import vfm.distributed as vdist
 import vfm.engine.checkpoint as vckpt
 import vfm.engine.trainer as vtrainer
@@ -103,7 +103,7 @@ def install(spec: dict[str, str]) -> None:
         vdist.init_distributed = never
 
     if "kill_worker_at" in spec or "hang_worker_at" in spec:
-        real_get = vloader.SeededDataset.__getitem__
+        real_get = vsampler.SeededDataset.__getitem__
         loaded = {"n": 0}
 
         def faulty_get(self, key):
@@ -115,7 +115,7 @@ def install(spec: dict[str, str]) -> None:
                     time.sleep(3600)
             return real_get(self, key)
 
-        vloader.SeededDataset.__getitem__ = faulty_get
+        vsampler.SeededDataset.__getitem__ = faulty_get
 
 
 if __name__ == "__main__":

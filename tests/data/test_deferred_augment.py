@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from vfm.data.loader import Collate, ImageTextCollate, MultiCropCollate, SupervisedCollate
+from vfm.data.collate import Collate, ImageTextCollate, MultiCropCollate, SupervisedCollate
 from vfm.data.masking import sample_masks
 from vfm.data.transforms import MultiCropAugmentation
 

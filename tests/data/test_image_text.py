@@ -18,10 +18,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vfm.data import image_text as IT
+from vfm.data.collate import ImageTextCollate
 from vfm.data.datasets import TensorImageDataset, load_image
 from vfm.data.image_text import CaptionedDataset, ImageTextCSV, WebDatasetShards, captioned, expand_urls
-from vfm.data.loader import ImageTextCollate, SeededDataset, build_train_loader
+from vfm.data.loader import build_train_loader
 from vfm.data.prompts import CAPTION_TEMPLATES, FASHION_MNIST_CLASS_NAMES_NATURAL, ZERO_SHOT_TEMPLATES
+from vfm.data.sampler import SeededDataset
 from vfm.data.transforms import MultiCropAugmentation
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")

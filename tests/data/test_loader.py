@@ -6,14 +6,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
+from vfm.data.collate import MultiCropCollate
 from vfm.data.datasets import TensorImageDataset, synthetic
-from vfm.data.loader import (
-    MultiCropCollate,
-    SeededBatchSampler,
-    SeededDataset,
-    build_eval_loader,
-    build_train_loader,
-)
+from vfm.data.loader import build_eval_loader, build_train_loader
+from vfm.data.sampler import SeededBatchSampler, SeededDataset
 from vfm.data.transforms import MultiCropAugmentation
 
 

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from vfm.backbones import Backbone
-from vfm.data.loader import ImageTextCollate, MultiCropCollate
+from vfm.data.collate import ImageTextCollate, MultiCropCollate
 from vfm.data.masking import random_masks
 from vfm.data.transforms import MultiCropAugmentation
 from vfm.heads.text import TextTransformer

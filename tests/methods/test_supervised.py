@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vfm.backbones import Backbone
-from vfm.data.loader import SupervisedCollate
+from vfm.data.collate import SupervisedCollate
 from vfm.data.transforms import MultiCropAugmentation
 from vfm.methods.supervised import Supervised
 

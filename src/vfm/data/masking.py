@@ -16,7 +16,7 @@ if it masks at least one new patch and no more than the patches still wanted. Up
 per round; rounds repeat until the target count is reached.
 
 Masks are pure functions of a `torch.Generator`, so the data pipeline's per-batch seed (see
-`vfm.data.loader`) makes them reproducible and independent of worker count.
+`vfm.data.sampler`) makes them reproducible and independent of worker count.
 """
 
 from __future__ import annotations

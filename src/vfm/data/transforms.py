@@ -9,7 +9,7 @@ GPU if the batch is moved there first.
 Randomness: every random parameter is drawn per sample, in a fixed order and a fixed amount,
 from the ``torch.Generator`` passed in (on the CPU, then moved to the images' device). So the same
 generator seed gives bitwise identical crops, whatever the worker or process that computes them
-(:mod:`vfm.data.loader` seeds one generator per batch).
+(:mod:`vfm.data.collate` seeds one generator per batch).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from vfm.data.batch import Batch
-from vfm.data.loader import Collate, MultiCropCollate
+from vfm.data.collate import Collate, MultiCropCollate
 
 if TYPE_CHECKING:
     from vfm.data.transforms import MultiCropAugmentation

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfm.data.batch import Batch
-from vfm.data.loader import ImageTextCollate
+from vfm.data.collate import ImageTextCollate
 from vfm.losses.clip_loss import CLIPLoss
 from vfm.methods.base import Method
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from vfm.data.batch import Batch
-from vfm.data.loader import SupervisedCollate
+from vfm.data.collate import SupervisedCollate
 from vfm.methods.base import Method
 
 
