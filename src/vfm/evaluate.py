@@ -37,6 +37,7 @@ from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, v
 from vfm.engine.checkpoint import CheckpointError
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
+from vfm.evaluators.protocols import ImageTextEvaluator
 from vfm.evaluators.suite import run_evaluators
 from vfm.methods.base import Method
 
@@ -97,7 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if not evaluators:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
     text_model = None
-    if any(getattr(ev, "needs_text_model", False) for ev in evaluators.values()):
+    if any(isinstance(ev, ImageTextEvaluator) for ev in evaluators.values()):
         method = load_method(str(cfg.checkpoint))  # zero-shot needs the whole image-text model
         text_model = method.text_model
         if text_model is None:

@@ -36,7 +36,7 @@ from vfm.config import (
 from vfm.engine.logging import NullLogger
 from vfm.engine.preemption import Preempted, requeue_slurm_job
 from vfm.engine.trainer import select_device
-from vfm.evaluators.suite import run_evaluators
+from vfm.evaluators.suite import run_evaluators, without_image_text
 from vfm.methods.base import Method
 
 log = logging.getLogger("vfm.pretrain")
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             cache_key=f"step{result['step']}", text_model=text_model, work_dir=run_dir / "eval", **eval_kw,
         ))
         # the random-init baseline: frozen-feature evaluators only (no text tower to zero-shot with)
-        baseline_evs = {k: v for k, v in evaluators.items() if not getattr(v, "needs_text_model", False)}
+        baseline_evs = without_image_text(evaluators)
         if cfg.eval.baseline and baseline_evs:
             metrics.update(run_evaluators(
                 build_random_encoder(cfg).to(device), splits, baseline_evs, prefix="baseline/",

@@ -87,6 +87,7 @@ from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.data.loader import batch_seed, build_eval_loader
 from vfm.data.transforms import MultiCropAugmentation, normalize
 from vfm.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vfm.evaluators.protocols import TrainsEncoderEvaluator
 
 __all__ = ["CHECKPOINT_NAME", "FineTune", "FineTuneInterrupted", "layer_decay_param_groups", "set_drop_path"]
 
@@ -306,7 +307,7 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-class FineTune:
+class FineTune(TrainsEncoderEvaluator):
     """Full fine-tuning evaluator (MAE recipe, see the module docstring); best epoch chosen on val.
 
     Unlike the kNN / linear evaluators it trains the encoder itself, so it is called with the

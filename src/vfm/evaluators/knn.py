@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vfm.evaluators.features import SplitFeatures
+from vfm.evaluators.protocols import FrozenFeatureEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def topk_accuracy(scores: Tensor, y: Tensor, k: int) -> float:
     return (pred == y.to(pred.device).view(-1, 1)).any(dim=1).sum().item() * 100.0 / len(y)
 
 
-class KNN:
+class KNN(FrozenFeatureEvaluator):
     """Weighted kNN evaluator (DINO): memory bank = train split, reports val and test accuracy.
 
     Args:

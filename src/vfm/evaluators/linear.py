@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vfm.evaluators.features import SplitFeatures
+from vfm.evaluators.protocols import FrozenFeatureEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
 
-class LinearProbe:
+class LinearProbe(FrozenFeatureEvaluator):
     """Softmax-regression probe, one head per learning rate, best head picked on validation.
 
     Args:

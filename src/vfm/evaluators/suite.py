@@ -1,8 +1,8 @@
-"""Run a set of feature-based evaluators on one encoder: extract features once, then evaluate."""
+"""Run a set of evaluators on one encoder: extract features once, then evaluate each by its kind
+(`vfm.evaluators.protocols`)."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,14 +11,34 @@ from typing import Any
 from torch import nn
 
 from vfm.evaluators.features import extract_split_features
+from vfm.evaluators.protocols import (
+    Evaluator,
+    FrozenFeatureEvaluator,
+    ImageTextEvaluator,
+    TrainsEncoderEvaluator,
+)
 
 log = logging.getLogger(__name__)
+
+_KINDS = (FrozenFeatureEvaluator, ImageTextEvaluator, TrainsEncoderEvaluator)
+
+
+def check_evaluators(evaluators: Mapping[str, Any], *, has_text_model: bool) -> None:
+    """Raise `TypeError` for an object that declares no evaluator kind, `ValueError` for an
+    image-text evaluator without an image-text model to give it."""
+    for name, ev in evaluators.items():
+        if not isinstance(ev, _KINDS):
+            kinds = ", ".join(k.__name__ for k in _KINDS)
+            raise TypeError(f"evaluator {name} ({type(ev).__name__}) must subclass one of vfm.evaluators.protocols' {kinds}")
+        if isinstance(ev, ImageTextEvaluator) and not has_text_model:
+            raise ValueError(f"evaluator {name} needs an image-text model (a method=clip checkpoint); "
+                             f"this encoder has no text tower")
 
 
 def run_evaluators(
     encoder: nn.Module,
     splits: Any,
-    evaluators: Mapping[str, Any],
+    evaluators: Mapping[str, Evaluator],
     *,
     device: str = "cpu",
     batch_size: int = 512,
@@ -31,42 +51,32 @@ def run_evaluators(
     work_dir: str | Path | None = None,
     distributed: bool = True,
 ) -> dict[str, float]:
-    """Return {prefix + metric: value} from every evaluator in `evaluators` (name -> callable).
+    """Return {prefix + metric: value} from every evaluator in `evaluators` (name -> evaluator).
 
-    Three kinds: frozen-feature evaluators `(features, num_classes) -> dict` (kNN, linear; features
-    are extracted once and shared), image–text evaluators (`needs_text_model`: zero-shot, which
-    also gets the class names and `text_model`), and evaluators that train the encoder itself
-    (`needs_encoder`: fine-tuning, called with `(encoder, splits, device=)`).
-
-    `work_dir`: where evaluators that train keep their resumable state: an evaluator whose call
-    accepts `checkpoint_dir` gets `work_dir / (prefix + name)` (e.g. `<run>/finetune`,
-    `<run>/eval/baseline/finetune`), so running the same evaluation again resumes it.
-    `distributed=False`: only this process runs the evaluation (pretrain evaluates on rank 0), so
-    evaluators that train must not use the process group; they are told so when their call
-    accepts `distributed`. With the default, under torchrun every process must call this.
+    Frozen-feature and image-text evaluators share one extraction of the encoder's features
+    (cached in `cache_path` under `cache_key`); image-text ones also get the class names and
+    `text_model`. Evaluators that train the encoder get `checkpoint_dir = work_dir / (prefix +
+    name)` (e.g. `<run>/finetune`, `<run>/eval/baseline/finetune`) when `work_dir` is given, so
+    running the same evaluation again resumes them. `distributed=False`: only this process
+    evaluates (pretrain evaluates on rank 0), so they must not use the process group; with the
+    default, under torchrun every process must call this.
     """
     if not evaluators:
         return {}
-    for name, ev in evaluators.items():
-        if getattr(ev, "needs_text_model", False) and text_model is None:
-            raise ValueError(f"evaluator {name} needs an image-text model (a method=clip checkpoint); "
-                             f"this encoder has no text tower")
+    check_evaluators(evaluators, has_text_model=text_model is not None)
     feats = None
-    if any(not getattr(ev, "needs_encoder", False) for ev in evaluators.values()):
+    if any(not isinstance(ev, TrainsEncoderEvaluator) for ev in evaluators.values()):
         feats = extract_split_features(
             encoder, splits, cache_path=cache_path, cache_key=cache_key, batch_size=batch_size,
             device=device, precision=precision, progress=progress,
         )
     metrics: dict[str, float] = {}
     for name, evaluator in evaluators.items():
-        if getattr(evaluator, "needs_encoder", False):
-            kwargs: dict[str, Any] = {}
-            if work_dir is not None and _accepts(evaluator, "checkpoint_dir"):
-                kwargs["checkpoint_dir"] = Path(work_dir) / f"{prefix}{name}"
-            if not distributed and _accepts(evaluator, "distributed"):
-                kwargs["distributed"] = False
-            out = evaluator(encoder, splits, device=device, **kwargs)
-        elif getattr(evaluator, "needs_text_model", False):
+        if isinstance(evaluator, TrainsEncoderEvaluator):
+            checkpoint_dir = Path(work_dir) / f"{prefix}{name}" if work_dir is not None else None
+            out = evaluator(encoder, splits, device=device, checkpoint_dir=checkpoint_dir, distributed=distributed)
+        elif isinstance(evaluator, ImageTextEvaluator):
+            assert text_model is not None  # check_evaluators
             out = evaluator(feats, splits.num_classes, class_names=splits.class_names, text_model=text_model)
         else:
             out = evaluator(feats, splits.num_classes)
@@ -74,11 +84,6 @@ def run_evaluators(
     return metrics
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    """Whether calling `fn` accepts the keyword `name` (evaluators without resume support keep
-    their plain `(encoder, splits, device=)` call)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # builtins / C callables without a signature
-        return False
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+def without_image_text(evaluators: Mapping[str, Evaluator]) -> dict[str, Evaluator]:
+    """The evaluators a plain image encoder can be given (a random-init baseline has no text tower)."""
+    return {k: v for k, v in evaluators.items() if not isinstance(v, ImageTextEvaluator)}

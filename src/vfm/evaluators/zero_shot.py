@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vfm.data.prompts import ZERO_SHOT_TEMPLATES
 from vfm.evaluators.features import SplitFeatures
+from vfm.evaluators.protocols import ImageTextEvaluator
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def _topk(logits: Tensor, labels: Tensor, k: int) -> float:
     return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
 
 
-class ZeroShot:
+class ZeroShot(ImageTextEvaluator):
     """Zero-shot top-1/top-5 on the test split (and val), from frozen global image features.
 
     Args:

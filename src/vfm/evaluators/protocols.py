@@ -1,0 +1,59 @@
+"""The kinds of evaluator, one small base class each; an evaluator declares its kind by subclassing.
+
+`vfm.evaluators.suite.run_evaluators` dispatches on the kind (`isinstance`), so an evaluator's
+call signature is a contract stated here, not discovered at run time:
+
+- `FrozenFeatureEvaluator` (kNN, linear probe): `(features, num_classes)`. The encoder's features
+  of every split are extracted once and shared by all of them.
+- `ImageTextEvaluator` (zero-shot): the same features plus the dataset's class names and the
+  image-text model (`encode_text`, `project_image`) of an image-text method such as CLIP. A
+  random-initialisation baseline has no text tower, so these are left out of it.
+- `TrainsEncoderEvaluator` (fine-tuning): `(encoder, splits, device=, checkpoint_dir=,
+  distributed=)`; it trains a copy of the encoder, keeps resumable state in `checkpoint_dir` and,
+  with `distributed=False`, must not use the process group (pretraining evaluates on rank 0 alone).
+
+Every evaluator returns `{metric name: value}` (accuracies in percent).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from vfm.evaluators.features import SplitFeatures
+
+__all__ = ["Evaluator", "FrozenFeatureEvaluator", "ImageTextEvaluator", "TrainsEncoderEvaluator"]
+
+
+class FrozenFeatureEvaluator(ABC):
+    """Evaluates frozen global features (extracted once per encoder, shared)."""
+
+    @abstractmethod
+    def __call__(self, features: SplitFeatures, num_classes: int) -> dict[str, float]:
+        """features: `[N, D]` train/val/test features and int64 `[N]` labels (val/test may be None)."""
+
+
+class ImageTextEvaluator(ABC):
+    """Evaluates frozen image features against text embeddings of the class names."""
+
+    @abstractmethod
+    def __call__(self, features: SplitFeatures, num_classes: int, *, class_names: Sequence[str],
+                 text_model: nn.Module) -> dict[str, float]:
+        """text_model: `encode_text(list[str]) -> [T, E]`, `project_image([N, D]) -> [N, E]`."""
+
+
+class TrainsEncoderEvaluator(ABC):
+    """Trains (a copy of) the encoder itself on the labelled splits."""
+
+    @abstractmethod
+    def __call__(self, encoder: nn.Module, splits: Any, *, device: str | None = None,
+                 checkpoint_dir: str | Path | None = None, distributed: bool = True) -> dict[str, float]:
+        """splits: a `vfm.data` `DataSplits`; checkpoint_dir: where a rerun resumes from."""
+
+
+Evaluator = FrozenFeatureEvaluator | ImageTextEvaluator | TrainsEncoderEvaluator
