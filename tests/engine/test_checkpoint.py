@@ -1,6 +1,7 @@
 import errno
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from vfm.engine.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from vfm.io import temporary_name
 
 
 def test_round_trip_and_no_temp_left(tmp_path):
@@ -77,6 +79,20 @@ def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / ".last.pt.tmp-4242").write_bytes(b"torn")  # a process killed while writing
     assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".last.pt.tmp-4242"]
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_checkpoints_are_written_under_the_temporary_name_removed_as_stale(tmp_path, monkeypatch):
+    written, real_save = [], torch.save
+
+    def spy(obj, f, *a, **k):
+        written.append(Path(f.name))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", spy)
+    save_checkpoint(_training_state(1), tmp_path / "last.pt")
+    assert written == [temporary_name(tmp_path / "last.pt")]
+    written[0].write_bytes(b"torn")  # as if killed while writing
+    assert remove_stale_temporaries(tmp_path) == written
 
 
 def test_strict_load_names_missing_key(tmp_path):

@@ -11,6 +11,7 @@ from torch import nn
 
 import vfm.engine.trainer as vtrainer
 from vfm.data.datasets import TensorImageDataset
+from vfm.engine.device import map_tensors
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
 from vfm.methods.base import Method
@@ -90,6 +91,15 @@ def test_channels_last_converts_image_batches_only():
     assert torch.equal(out["crops"][0], batch["crops"][0])
     assert out["tokens"].is_contiguous()  # integer tensors are left alone
     assert torch.equal(out["label"], batch["label"])
+
+
+def test_map_tensors_keeps_the_containers_and_what_is_not_a_tensor():
+    batch = {"crops": [torch.ones(2), torch.zeros(1)], "pair": (torch.ones(1), 3), "seed": 7, "text": ["a cat"]}
+    out = map_tensors(lambda t: t + 1, batch)
+    assert isinstance(out["crops"], list) and isinstance(out["pair"], tuple)
+    assert torch.equal(out["crops"][0], torch.full((2,), 2.0)) and torch.equal(out["pair"][0], torch.full((1,), 2.0))
+    assert out["pair"][1] == 3 and out["seed"] == 7 and out["text"] == ["a cat"]
+    assert vtrainer.to_device(batch, torch.device("cpu"))["seed"] == 7
 
 
 def _tiny_data():

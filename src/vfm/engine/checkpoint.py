@@ -10,13 +10,14 @@ disk) is skipped with a warning instead of ending the run or, worse, being train
 from __future__ import annotations
 
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from vfm.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -25,44 +26,22 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write `state` to `path` atomically; on failure the previous `path` is untouched and the
-    temporary file is removed (a full disk must not also fill it with a torn file)."""
+    """Write `state` to `path` atomically and durably; on failure the previous `path` is untouched
+    and the temporary file is removed (a full disk must not also fill it with a torn file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path}: {e}. The previous {path.name} (if any) is intact; "
-                f"free space in {path.parent} and re-run the same command to resume from it"
-            ) from e
-        raise
-    # the rename itself is durable only once the directory entry is on disk
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some file systems cannot fsync a directory; the rename is still atomic
-        pass
-    return path
+        return atomic_write(path, lambda f: torch.save(state, f), durable=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e}. The previous {path.name} (if any) is intact; "
+            f"free space in {path.parent} and re-run the same command to resume from it"
+        ) from e
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete `.NAME.tmp-PID` files left by a process killed while writing (they are never read)."""
+    """Delete `.NAME.tmp-PID` files (`vfm.io.temporary_name`) left by a process killed while
+    writing (they are never read)."""
     directory = Path(directory)
     removed = [p for p in directory.glob(".*.tmp-*") if p.is_file()] if directory.is_dir() else []
     for p in removed:
@@ -113,6 +92,23 @@ def find_resume_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]]
             "move them away or pass trainer.resume=never to start this run from scratch"
         )
     return None
+
+
+def resume_state(resume: str | None, directory: str | Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint a run continues from (`trainer.resume`): with "auto" the newest readable one
+    in `directory` (rank 0 first deletes the temporaries of interrupted writes), with a path that
+    file (which must be readable: the user asked for it), with "never" none."""
+    if resume in ("never", "", None):
+        return None
+    if resume == "auto":
+        if is_main:
+            for p in remove_stale_temporaries(directory):
+                log.info("removed %s, left by a process killed while writing it", p)
+        return find_resume_checkpoint(directory)
+    path = Path(resume)
+    state = load_checkpoint(path)
+    check_keys(state, path)
+    return path, state
 
 
 def check_keys(state: dict[str, Any], path: str | Path, required: tuple[str, ...] = REQUIRED_KEYS) -> None:

@@ -30,15 +30,12 @@ import torch
 from torch import nn
 
 __all__ = [
-    "STRATEGIES",
     "fsdp_units",
     "full_model_state",
     "full_optimizer_state",
     "load_full_optimizer_state",
     "shard",
 ]
-
-STRATEGIES = ("ddp", "fsdp", "single")
 
 _STAGE = re.compile(r"layer\d+")
 
