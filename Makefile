@@ -43,7 +43,7 @@ test-fast: $(STAMP) ## the tests without the slow (multi-process) ones
 	$(BIN)/pytest -m "not slow"
 
 bench: $(STAMP) ## throughput, MFU, ablations, lightly side by side (3-4 min on 2 cores; outputs/bench)
-	$(BIN)/python scripts/bench.py
+	$(BIN)/python scripts/bench
 
 test-faults: $(STAMP) ## only the fault tests (kill -9, torn files, NaN on one rank, hangs, sweeps); part of `make test`
 	$(BIN)/pytest tests/test_faults.py tests/engine tests/data/test_corrupt_inputs.py tests/test_golden.py tests/test_slurm.py

@@ -4,7 +4,7 @@
 # crops, batch 64; MAE mask 0.75, batch 256), bf16 autocast, eager and then with torch.compile.
 # MFU is printed against the measured peak and the datasheet peak (989 TFLOP/s bf16 on H100 SXM / H200).
 # Also: the DINO multi-crop on the GPU vs in one CPU process, and the batch copy from pinned vs
-# pageable memory (bench.py augment).
+# pageable memory (`scripts/bench augment`).
 #
 #   bash scripts/gpu_check.sh
 #   PYTHONPATH=src:.gpu/pylib PYTHON=python3 OUT=/tmp/bench bash scripts/gpu_check.sh   # vfm not installed
@@ -27,9 +27,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 
 
 if [[ "${QUICK:-0}" == 1 ]]; then
     args=(peak throughput --device cuda --precision bf16 --methods dino,mae --quick --out "$OUT")
-    "$PYTHON" scripts/bench.py "${args[@]}" --tag quick
-    "$PYTHON" scripts/bench.py "${args[@]}" --tag quick-compile --compile
-    "$PYTHON" scripts/bench.py augment --device cuda --quick --out "$OUT" --tag quick-augment
+    "$PYTHON" scripts/bench "${args[@]}" --tag quick
+    "$PYTHON" scripts/bench "${args[@]}" --tag quick-compile --compile
+    "$PYTHON" scripts/bench augment --device cuda --quick --out "$OUT" --tag quick-augment
     exit 0
 fi
 
@@ -37,12 +37,12 @@ args=(peak throughput --device cuda --precision bf16 --methods dino,mae --backbo
       --n-local 10 --batch dino=64,mae=256 --steps 20 --warmup 5 --out "$OUT")
 
 # eager (~2 min), then torch.compile (compile time is reported separately; ~3-5 min)
-timeout "${EAGER_TIMEOUT_S:-200}" "$PYTHON" scripts/bench.py "${args[@]}"
+timeout "${EAGER_TIMEOUT_S:-200}" "$PYTHON" scripts/bench "${args[@]}"
 # the DINO multi-crop of a batch of 64 at 224 px in one CPU process vs on this GPU (trainer.augment_on_device),
 # and its copy to the GPU from pageable vs pinned memory (trainer.pin_memory)
-timeout 120 "$PYTHON" scripts/bench.py augment --device cuda --out "$OUT" --tag augment || true
+timeout 120 "$PYTHON" scripts/bench augment --device cuda --out "$OUT" --tag augment || true
 status=0
-timeout "${COMPILE_TIMEOUT_S:-260}" "$PYTHON" scripts/bench.py "${args[@]}" --compile || status=$?
+timeout "${COMPILE_TIMEOUT_S:-260}" "$PYTHON" scripts/bench "${args[@]}" --compile || status=$?
 if [[ $status -ne 0 ]]; then
     echo "gpu_check: the torch.compile run failed or timed out (exit $status); the eager results stand" >&2
 fi

@@ -1,4 +1,4 @@
-"""scripts/bench.py, the benchmark harness: `--quick` on the CPU writes sane numbers, and the FLOP
+"""scripts/bench/, the benchmark harness: `--quick` on the CPU writes sane numbers, and the FLOP
 counting behind MFU counts a real forward + backward (also through PyTorch's CPU SDPA kernel)."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 @pytest.fixture(scope="module")
 def bench():
+    """The package scripts/bench/: its command line is `bench.__main__`, its sections and helpers
+    are its modules."""
     yield from load_script("bench")
 
 
@@ -30,8 +32,8 @@ def one_thread():
 
 
 def test_quick_throughput_json(bench, tmp_path, one_thread):
-    bench.main(["peak", "throughput", "--quick", "--device", "cpu", "--methods", "dino,mae", "--out", str(tmp_path),
-                "--strict"])
+    bench.__main__.main(["peak", "throughput", "--quick", "--device", "cpu", "--methods", "dino,mae",
+                         "--out", str(tmp_path), "--strict"])
     report = json.loads((tmp_path / "bench-cpu-quick.json").read_text())
     assert report["device"] == "cpu" and report["torch"] == torch.__version__
     peaks = {r["precision"]: r["tflops"] for r in report["sections"]["peak"]["rows"]}
@@ -56,11 +58,11 @@ def test_flops_count_forward_and_backward(bench):
     lin = nn.Linear(64, 32, bias=False)
     x = torch.randn(8, 64, requires_grad=True)
     fwd = 2 * 8 * 64 * 32  # 2*M*N*K
-    assert bench.count_step_flops(lambda: lin(x)) == fwd
+    assert bench.flops.count_step_flops(lambda: lin(x)) == fwd
     # backward: the gradients of the input and of the weight, one product each
-    assert bench.count_step_flops(lambda: lin(x).sum().backward()) == 3 * fwd
+    assert bench.flops.count_step_flops(lambda: lin(x).sum().backward()) == 3 * fwd
     x.requires_grad_(False)  # a first layer: no input gradient, so 2x
-    assert bench.count_step_flops(lambda: lin(x).sum().backward()) == 2 * fwd
+    assert bench.flops.count_step_flops(lambda: lin(x).sum().backward()) == 2 * fwd
 
 
 def test_cpu_sdpa_flops_match_plain_attention(bench):
@@ -71,18 +73,18 @@ def test_cpu_sdpa_flops_match_plain_attention(bench):
     counts = {}
     for fused in (False, True):
         attn.fused_attn = fused
-        counts[fused] = bench.count_step_flops(lambda: attn(x).sum().backward())
+        counts[fused] = bench.flops.count_step_flops(lambda: attn(x).sum().backward())
     assert counts[True] > 0
     assert counts[True] == pytest.approx(counts[False], rel=0.05)
 
 
 def test_batch_spec(bench):
-    assert bench.parse_batch("64") == (64, {})
-    assert bench.parse_batch("dino=64,mae=256") == (None, {"dino": 64, "mae": 256})
-    assert bench.parse_batch("32,dino=8") == (32, {"dino": 8})
-    assert bench.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.0
-    assert bench.datasheet_peak("NVIDIA H200", "bf16") == 989.0
-    assert bench.datasheet_peak("NVIDIA H100 PCIe", "bf16") is None
+    assert bench.configs.parse_batch("64") == (64, {})
+    assert bench.configs.parse_batch("dino=64,mae=256") == (None, {"dino": 64, "mae": 256})
+    assert bench.configs.parse_batch("32,dino=8") == (32, {"dino": 8})
+    assert bench.peak.datasheet_peak("NVIDIA H100 80GB HBM3", "bf16") == 989.0
+    assert bench.peak.datasheet_peak("NVIDIA H200", "bf16") == 989.0
+    assert bench.peak.datasheet_peak("NVIDIA H100 PCIe", "bf16") is None
 
 
 def test_gpu_check_script_parses():
@@ -90,8 +92,18 @@ def test_gpu_check_script_parses():
 
 
 def test_quick_augment_section_moves_fewer_bytes_deferred(bench, tmp_path, one_thread):
-    report = bench.main(["augment", "--quick", "--device", "cpu", "--out", str(tmp_path), "--strict"])
+    report = bench.__main__.main(["augment", "--quick", "--device", "cpu", "--out", str(tmp_path), "--strict"])
     plain, deferred = report["sections"]["augment"]["rows"]
     assert plain["img_s"] > 0 and deferred["img_s"] > 0
     # uint8 images instead of 2 + 10 float crops
     assert deferred["transfer_mib"] < plain["transfer_mib"] / 4
+
+
+def test_runs_as_a_folder_and_documents_every_section():
+    """`python scripts/bench` runs the package's __main__; --help describes each section from its module."""
+    import sys
+
+    res = subprocess.run([sys.executable, str(SCRIPTS / "bench"), "--help"], capture_output=True, text=True,
+                         check=True)
+    for section in ("peak", "throughput", "e2e", "augment", "ablation", "lightly", "mae"):
+        assert f"* `{section}`:" in res.stdout
