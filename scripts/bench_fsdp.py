@@ -48,11 +48,12 @@ from torch import nn
 
 from vfm.config import CONF_DIR, register_resolvers
 from vfm.engine import fsdp
+from vfm.engine.device import PRECISIONS
 from vfm.engine.optim import clip_gradients, set_optimizer_values
-from vfm.engine.trainer import PRECISIONS
 from vfm.pretrain import build_method
 
 MIB = 2**20
+STRATEGIES = ("ddp", "fsdp")  # the two this script compares, each as the trainer wraps the method
 # The values after DINO's first epoch: the head's last layer trains (so it has gradients and AdamW
 # state, as for most of a run) and the teacher follows the student by EMA
 SCHED = {"teacher_temp": 0.04, "teacher_momentum": 0.996, "freeze_last_layer": 0.0, "lr": 1e-4, "wd": 0.04}
@@ -102,7 +103,7 @@ def wrap(method: nn.Module, strategy: str) -> tuple[nn.Module, nn.Module]:
     if strategy == "fsdp":
         net = fsdp.shard(copy.deepcopy(method), torch.device("cpu"))
         return net, net
-    raise ValueError(f"unknown strategy {strategy!r}; one of {fsdp.STRATEGIES}")
+    raise ValueError(f"unknown strategy {strategy!r}; one of {STRATEGIES}")
 
 
 def synthetic_crops(cfg: DictConfig, batch: int, seed: int) -> list[torch.Tensor]:
@@ -200,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         cfg = compose_config(args.backbone, img_size=args.img_size, local_crop_size=args.local_crop_size,
                              precision=args.precision, depth=args.depth, overrides=args.overrides)
         rows = []
-        for strategy in fsdp.STRATEGIES:
+        for strategy in STRATEGIES:
             mine = run_strategy(cfg, strategy, steps=args.steps, warmup=args.warmup, batch=args.batch)
             gathered: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, mine)

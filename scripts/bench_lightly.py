@@ -183,8 +183,8 @@ class VfmSide:
 
     def step(self, batch: dict[str, Any], step: int) -> float:
         from vfm import distributed as vdist
+        from vfm.engine.device import to_device
         from vfm.engine.optim import clip_gradients, set_optimizer_values
-        from vfm.engine.trainer import to_device
 
         method, optimizer, scaler, sched = self.method, self.optimizer, self.scaler, self.sched
         set_optimizer_values(optimizer, sched["lr"], sched["wd"])

@@ -187,7 +187,7 @@ def augmentation_rows(ctx: Context) -> list[Result]:
 
 def teacher_row(ctx: Context, overrides: list[str], steps: int) -> Result:
     """DINO: the teacher's forward (no_grad, global crops) vs the student's forward+backward (all crops)."""
-    from vfm.engine.trainer import to_device
+    from vfm.engine.device import to_device
     from vfm.pretrain import build_method
 
     device, prec = ctx.device, ctx.args.precision

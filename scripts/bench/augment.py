@@ -37,7 +37,7 @@ def section_augment(ctx: Context) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from vfm.data.collate import MultiCropCollate
-    from vfm.engine.trainer import to_device
+    from vfm.engine.device import to_device
 
     args, device = ctx.args, ctx.device
     cfg = compose_cfg(method_overrides("dino", with_args(args, img=64 if args.quick else 224, backbone=None)))
@@ -78,7 +78,7 @@ def section_augment(ctx: Context) -> dict[str, Any]:
 
 def transfer_rows(plain: Any, deferred: Any, device: torch.device, reps: int) -> list[dict[str, Any]]:
     """The copy of a collated batch to the GPU from pageable vs pinned host memory (CUDA only)."""
-    from vfm.engine.trainer import to_device
+    from vfm.engine.device import to_device
 
     rows = []
     for name, batch in (("float crops (loader augments)", plain), ("uint8 images (augment_on_device)", deferred)):

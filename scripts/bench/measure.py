@@ -163,7 +163,7 @@ def _build(cfg: Any, spec: Spec, device: torch.device) -> tuple[torch.nn.Module,
 def _time_collate(collate: Callable, cfg: Any, spec: Spec, batch: int, ctx: Context) -> tuple[list[Any], float]:
     """The collate on the CPU: one warmup call, then distinct batch seeds. Returns the batches, on
     the device, and the mean seconds per batch."""
-    from vfm.engine.trainer import channels_last_batch, to_device
+    from vfm.engine.device import channels_last_batch, to_device
 
     n_batches = max(1, min(spec.steps, 2 if ctx.args.quick else 4))
     samples = make_samples(cfg, spec.method, batch, seed=0)
