@@ -296,7 +296,7 @@ def test_all_bad_items_raise_corrupt(tmp_path: Path) -> None:
 
 def test_long_run_of_bad_items_raises_corrupt(tmp_path: Path) -> None:
     # More bad files in a row than the limit: give up instead of scanning the whole data set.
-    limit = D._MAX_CONSECUTIVE_BAD
+    limit = D.MAX_CONSECUTIVE_BAD
     paths = [make_bad(tmp_path, "zero_bytes", f"{k:02d}") for k in range(limit + 2)]
     paths.append(write_good(tmp_path / "good.png", 0))
     ds = dataset(paths)

@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from vfm.data import image_text as IT
 from vfm.data.collate import ImageTextCollate
 from vfm.data.datasets import TensorImageDataset, load_image
 from vfm.data.image_text import CaptionedDataset, ImageTextCSV, WebDatasetShards, captioned, expand_urls
+from vfm.data.image_text import shards as SH
 from vfm.data.loader import build_train_loader
 from vfm.data.prompts import CAPTION_TEMPLATES, FASHION_MNIST_CLASS_NAMES_NATURAL, ZERO_SHOT_TEMPLATES
 from vfm.data.sampler import SeededDataset
@@ -182,7 +182,7 @@ def test_expand_urls_braces_globs_lists(tmp_path: Path, shards) -> None:
     assert expand_urls(str(d / "shard-*.tar")) == [a, b]
     assert expand_urls([b, a]) == [b, a]
     assert expand_urls(f"{a}::{b}") == [a, b]
-    assert IT._expand_braces("x{8..10}y{a,b}") == ["x8ya", "x8yb", "x9ya", "x9yb", "x10ya", "x10yb"]
+    assert SH._expand_braces("x{8..10}y{a,b}") == ["x8ya", "x8yb", "x9ya", "x9yb", "x10ya", "x10yb"]
     with pytest.raises(FileNotFoundError, match=r"1 of 3 shards do not exist"):
         expand_urls(str(d / "shard-{000000..000002}.tar"))
     with pytest.raises(ValueError, match="not a local file"):
@@ -221,7 +221,7 @@ def test_webdataset_index_cache_is_reused_and_optional(shards, monkeypatch) -> N
     def no_scan(shard: str) -> dict:
         raise AssertionError("the cached index should have been used")
 
-    monkeypatch.setattr(IT, "_scan_shard", no_scan)
+    monkeypatch.setattr(SH, "_scan_shard", no_scan)
     again = WebDatasetShards(url, img_size=S, max_bad_fraction=0.5)
     assert [again[i][1] for i in range(len(again))] == [first[i][1] for i in range(len(first))]
     monkeypatch.undo()
