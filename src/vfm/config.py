@@ -243,10 +243,34 @@ def validate_evaluate(cfg: DictConfig) -> None:
         validate_node(ev, f"evaluator.{name}", skip=("device",))
 
 
+def dataset_yields_captions(target: str) -> bool:
+    """Ask the dataset builder `target` (a `dataset._target_`) whether its training split yields
+    `(image, caption, label)`: image-text builders declare `yields_captions = True` on themselves.
+    Only imports the builder; no data is read."""
+    builder = get_object(target)
+    return bool(getattr(builder, "yields_captions", False))  # undeclared (e.g. a user's builder): images only
+
+
 def _cross_checks(cfg: DictConfig, world_size: int) -> None:
+    """Rules between keys of different groups, in the order a user would fix them."""
     from vfm.backbones.timm_backbone import _is_vit
 
-    tr, bb, ds = cfg.trainer, cfg.backbone, cfg.dataset
+    _check_trainer(cfg.trainer, world_size)
+    try:
+        is_vit = _is_vit(cfg.backbone.name)
+    except ValueError as e:
+        raise ConfigError(f"backbone.name: {e}") from e
+    _check_method_and_data(cfg, is_vit)
+    _check_crops(cfg, is_vit)
+    _check_method_files(cfg.method)
+    if cfg.get("evaluator") and cfg.dataset.num_classes == 0:
+        raise ConfigError(
+            f"evaluators {list(cfg.evaluator.keys())} need labels but dataset {cfg.dataset._target_} has none; "
+            f"pass evaluator=[] (then evaluate the checkpoint on a labelled dataset with `evaluate`)"
+        )
+
+
+def _check_trainer(tr: DictConfig, world_size: int) -> None:
     for key in ("max_epochs", "batch_size", "accum_steps"):
         if tr[key] < 1:
             raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")
@@ -256,51 +280,56 @@ def _cross_checks(cfg: DictConfig, world_size: int) -> None:
             f"trainer.batch_size={tr.batch_size} is not divisible by {world_size} process(es) x "
             f"trainer.accum_steps={tr.accum_steps}; use a multiple of {per}, e.g. trainer.batch_size={per * max(1, tr.batch_size // per)}"
         )
-    try:
-        is_vit = _is_vit(bb.name)
-    except ValueError as e:
-        raise ConfigError(f"backbone.name: {e}") from e
-    method_cls = get_object(cfg.method._target_)
-    if getattr(method_cls, "needs_captions", False) and not str(ds._target_).startswith("vfm.data.image_text."):
+    if tr.precision == "fp16" and tr.device == "cpu":
+        raise ConfigError("trainer.precision=fp16 needs a GPU; on the CPU use trainer.precision=bf16 or fp32")
+
+
+def _check_method_and_data(cfg: DictConfig, is_vit: bool) -> None:
+    """What the method class declares it needs (`Method.needs_captions`, `needs_patch_tokens`)
+    against what the dataset and the backbone give."""
+    from vfm.methods.base import Method
+
+    method_cls, ds = get_object(cfg.method._target_), cfg.dataset
+    if not (inspect.isclass(method_cls) and issubclass(method_cls, Method)):
+        raise ConfigError(f"method._target_={cfg.method._target_} is not a vfm.methods.base.Method subclass")
+    if method_cls.needs_captions and not dataset_yields_captions(ds._target_):
         raise ConfigError(
             f"method {cfg.method._target_} trains on image-text pairs but dataset {ds._target_} has no captions; "
             "use dataset=fashion_mnist_captions (labels turned into captions), image_text_csv or webdataset"
         )
-    if getattr(method_cls, "needs_patch_tokens", False) and not is_vit:
+    if method_cls.needs_patch_tokens and not is_vit:
         raise ConfigError(
-            f"method {cfg.method._target_} needs patch tokens but backbone.name={bb.name} has none; "
+            f"method {cfg.method._target_} needs patch tokens but backbone.name={cfg.backbone.name} has none; "
             f"use a ViT backbone, e.g. backbone=vit_small"
         )
-    img, patch = ds.img_size, bb.get("patch_size")
+
+
+def _check_crops(cfg: DictConfig, is_vit: bool) -> None:
+    """Image and crop sizes against the patch size."""
+    img, patch, aug = cfg.dataset.img_size, cfg.backbone.get("patch_size"), cfg.method.get("augment")
     if is_vit and patch:
         if img % patch:
             raise ConfigError(
                 f"backbone.patch_size={patch} does not divide dataset.img_size={img}; pick a divisor of {img}"
             )
-        aug = cfg.method.get("augment")
-        if aug is not None:
-            for key in ("global_crop_size", "local_crop_size"):
-                if key in aug and aug[key] % patch:
-                    raise ConfigError(
-                        f"method.augment.{key}={aug[key]} is not a multiple of backbone.patch_size={patch}"
-                    )
-    aug = cfg.method.get("augment")
+        for key in ("global_crop_size", "local_crop_size"):
+            if aug is not None and key in aug and aug[key] % patch:
+                raise ConfigError(
+                    f"method.augment.{key}={aug[key]} is not a multiple of backbone.patch_size={patch}"
+                )
     if aug is not None and "local_crop_size" in aug and aug.local_crop_size > aug.global_crop_size:
         raise ConfigError(
             f"method.augment.local_crop_size={aug.local_crop_size} exceeds global_crop_size={aug.global_crop_size} "
             f"(dataset.img_size={img}); set method.augment.local_crop_size smaller, e.g. {max(1, img * 3 // 7)}"
         )
+
+
+def _check_method_files(method: DictConfig) -> None:
     for key in ("teacher", "tokenizer"):  # files a method loads: fail before anything is built
-        value = cfg.method.get(key)
+        value = method.get(key)
         if isinstance(value, str) and value and not Path(value).exists():
             raise ConfigError(
                 f"method.{key}={value} does not exist; pass a pretrain run directory (or its "
                 f"{'tokenizer.pt' if key == 'tokenizer' else 'encoder.safetensors / checkpoints/last.pt'})"
             )
-    if tr.precision == "fp16" and tr.device == "cpu":
-        raise ConfigError("trainer.precision=fp16 needs a GPU; on the CPU use trainer.precision=bf16 or fp32")
-    if cfg.get("evaluator") and ds.num_classes == 0:
-        raise ConfigError(
-            f"evaluators {list(cfg.evaluator.keys())} need labels but dataset {ds._target_} has none; "
-            f"pass evaluator=[] (then evaluate the checkpoint on a labelled dataset with `evaluate`)"
-        )
+
