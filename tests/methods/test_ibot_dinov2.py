@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from vfm.backbones import Backbone
-from vfm.methods.dinov2 import DINOv2, _layer_id
+from vfm.backbones.layer_decay import layer_decay_param_groups
+from vfm.methods.dinov2 import DINOv2
 from vfm.methods.ibot import iBOT
 
 
@@ -55,9 +56,10 @@ def test_unmasked_batch_has_zero_ibot_loss():
 def test_dinov2_layerwise_decay_and_patch_embed_multiplier():
     m = DINOv2(_backbone(), out_dim=16, patch_out_dim=16, hidden_dim=16, bottleneck_dim=8,
                layerwise_decay=0.5, patch_embed_lr_mult=0.2)
-    assert _layer_id("backbone.model.blocks.1.attn.qkv.weight", 2) == 2
-    assert _layer_id("backbone.model.patch_embed.proj.weight", 2) == 0
-    assert _layer_id("dino_head.mlp.0.weight", 2) == 3
+    layer_id = {n: g["layer_id"] for g in layer_decay_param_groups(m.student, layer_decay=0.5) for n in g["param_names"]}
+    assert layer_id["backbone.model.blocks.1.attn.qkv.weight"] == 2
+    assert layer_id["backbone.model.patch_embed.proj.weight"] == 0
+    assert layer_id["dino_head.mlp.0.weight"] == 3
     mults = {}
     for g in m.param_groups():
         for p in g["params"]:

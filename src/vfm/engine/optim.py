@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
+# Layer-wise lr decay lives next to the backbones, so that methods (DINOv2) use it too without
+# importing the engine; it is part of the optimizer's vocabulary, hence available here.
+from vfm.backbones.layer_decay import NO_WEIGHT_DECAY, layer_decay_param_groups
 from vfm.engine.schedules import Cosine
+
+__all__ = ["NO_WEIGHT_DECAY", "OptimSpec", "clip_gradients", "layer_decay_param_groups", "set_optimizer_values"]
 
 
 class OptimSpec:

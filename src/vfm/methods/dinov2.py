@@ -19,7 +19,6 @@ Layer-wise lr decay and the patch-embedding lr multiplier are in `param_groups`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vfm.backbones.layer_decay import layer_decay_param_groups
 from vfm.data.batch import Batch
 from vfm.heads.dino_head import DINOHead
 from vfm.losses.dino_loss import DINOLoss
@@ -169,29 +169,23 @@ class DINOv2(Method):
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One group per (lr multiplier, weight-decay multiplier): layer-wise lr decay over the
-        backbone blocks (DINOv2 `get_vit_lr_decay_rate`), the patch-embedding multiplier, and no
-        weight decay on biases, norms and 1-D parameters."""
-        n_blocks = len(self.student.backbone.model.blocks) if hasattr(self.student.backbone, "model") else 0
+        backbone blocks (DINOv2 `get_vit_lr_decay_rate`: embeddings and mask token layer 0, block
+        `i` layer `i + 1`, final norm and heads at the full lr), the patch-embedding multiplier on
+        top, and no weight decay on biases, norms and 1-D parameters."""
+        mults = {
+            id(p): (g["lr_mult"], g["wd_mult"])
+            for g in layer_decay_param_groups(self.student, layer_decay=self.layerwise_decay, no_weight_decay=("*norm*",))
+            for p in g["params"]
+        }
+        # regrouped by multiplier value, in parameter order: the order the optimizer (and the
+        # global gradient norm) sees the parameters in
         groups: dict[tuple[float, float], list[nn.Parameter]] = {}
         for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
-            layer = _layer_id(name, n_blocks)
-            lr_mult = self.layerwise_decay ** (n_blocks + 1 - layer)
+            lr_mult, wd_mult = mults[id(p)]
             if ".patch_embed." in name:
                 lr_mult *= self.patch_embed_lr_mult
-            wd_mult = 0.0 if name.endswith(".bias") or p.ndim <= 1 or "norm" in name else 1.0
             groups.setdefault((lr_mult, wd_mult), []).append(p)
         return [{"params": ps, "lr_mult": lr, "wd_mult": wd, "name": f"lr{lr:.3g}_wd{wd:g}"}
                 for (lr, wd), ps in sorted(groups.items())]
-
-
-def _layer_id(name: str, n_blocks: int) -> int:
-    """0 for embeddings and prefix tokens, i + 1 for block i, n_blocks + 1 for the rest (final
-    norm, heads), as DINOv2's layer-wise decay."""
-    if not name.startswith("backbone."):
-        return n_blocks + 1
-    if re.search(r"\.(patch_embed|cls_token|reg_token|pos_embed|mask_token)", name) or name.endswith("mask_token"):
-        return 0
-    m = re.search(r"\.blocks\.(\d+)\.", name)
-    return int(m.group(1)) + 1 if m else n_blocks + 1
