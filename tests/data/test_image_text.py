@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vfm.data.collate import ImageTextCollate
-from vfm.data.datasets import TensorImageDataset, load_image
+from vfm.data.datasets import ImageDecodeError, TensorImageDataset, load_image
 from vfm.data.image_text import CaptionedDataset, ImageTextCSV, WebDatasetShards, captioned, expand_urls
 from vfm.data.image_text import shards as SH
 from vfm.data.loader import build_train_loader
@@ -104,8 +104,8 @@ def test_csv_undecodable_image_is_replaced_by_the_next_item(tmp_path, image_dir,
         image, caption, _ = ds[1]
         assert caption == "third" and torch.equal(image, ds[2][0])
         assert ds[3][1] == "first"  # wraps around: (i + 1) % n
-    assert ds.decode_failures == 2
-    assert "broken.jpg" in caplog.text and "2 undecodable item(s)" in caplog.text
+    assert ds.num_skipped == 2
+    assert "broken.jpg" in caplog.text and "2 undecodable image(s)" in caplog.text
     all_bad = ImageTextCSV(write_csv(tmp_path / "bad.csv", "filepath,title", ["imgs/broken.jpg,x"] * 3), img_size=S)
     with pytest.raises(RuntimeError, match="consecutive items"):
         all_bad[0]
@@ -207,7 +207,7 @@ def test_webdataset_index_items_labels_and_skips(shards, caplog) -> None:
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vfm.data"):
         image, caption, label = ds[2]  # corrupt: replaced by the next item
-    assert (caption, label) == ("caption four, ünïcode", 2) and ds.decode_failures == 1
+    assert (caption, label) == ("caption four, ünïcode", 2) and ds.num_skipped == 1
     assert "shard-000000.tar:s3" in caplog.text and "BytesIO" not in caplog.text
 
 
@@ -249,6 +249,24 @@ def test_webdataset_same_items_with_dataloader_workers(shards) -> None:
         assert torch.equal(ga, wa) and gc == wc and int(gl) == wl
     clone = pickle.loads(pickle.dumps(ds))  # spawn-started workers get a pickled copy
     assert clone[3][1] == want[3][1]
+
+
+def test_webdataset_skips_are_counted_across_dataloader_workers(shards) -> None:
+    # One counting rule for every lazily decoded dataset: the workers' skips add up in the main process.
+    d, _ = shards
+    ds = WebDatasetShards(str(d / "shard-{000000..000001}.tar"), img_size=S, max_bad_fraction=0.75)
+    assert len(list(DataLoader(ds, batch_size=None, num_workers=2))) == 4  # item 2 is corrupt: replaced
+    assert ds.num_skipped == 1
+    ds[2]
+    assert ds.num_skipped == 2
+
+
+def test_webdataset_fail_policy_names_the_sample(shards) -> None:
+    d, _ = shards
+    ds = WebDatasetShards(str(d / "shard-{000000..000001}.tar"), img_size=S, max_bad_fraction=0.75, bad_files="fail")
+    with pytest.raises(ImageDecodeError, match=r"shard-000000\.tar:s3: .*dataset\.bad_files=skip"):
+        ds[2]
+    assert ds.num_skipped == 0 and ds[3][1] == "caption four, ünïcode"
 
 
 def test_webdataset_with_build_train_loader_and_image_text_collate(shards) -> None:

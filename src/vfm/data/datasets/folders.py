@@ -61,7 +61,9 @@ def load_image(
             file.load()  # decode everything now, while a failure still means "this file is bad"
             img = file.convert("RGB" if in_chans == 3 else "L")
     except DECODE_ERRORS as e:
-        raise ImageDecodeError(f"cannot decode image {name or path}: {type(e).__name__}: {e}") from e
+        # PIL names a file object by its repr ("<_io.BytesIO object at 0x...>"): say what it is instead.
+        detail = str(e).replace(repr(path), "the image bytes") if name else str(e)
+        raise ImageDecodeError(f"cannot decode image {name or path}: {type(e).__name__}: {detail}") from e
     w, h = img.size
     scale = resize / min(w, h)
     # Shorter side exactly `resize`, the longer one rounded (so the crop always fits).

@@ -18,9 +18,9 @@ stack and the batched augmentation of :mod:`vfm.data.transforms` applies unchang
 Bad data is skipped rather than fatal, but counted and logged (logger ``vfm.data``), and a data set
 that is mostly bad fails at construction: rows/samples that are visibly broken (missing file,
 missing or empty caption) are found when the dataset is built, and more than ``max_bad_fraction``
-of them raises. Images that fail to *decode* are only found when read: the item is replaced by the
-next good one (``(i + 1) % n``, deterministic, so every process and every resume sees the same
-replacement) and counted.
+of them raises. Images that fail to *decode* are only found when read: they follow the one bad-file
+policy of every lazily decoded dataset (:mod:`vfm.data.datasets.bad_files`; by default the item is
+replaced by the next good one, deterministically, and counted across DataLoader workers).
 
 The builders (:func:`image_text_csv`, :func:`webdataset`, :func:`captioned`,
 :func:`synthetic_captions`) return a :class:`vfm.data.datasets.DataSplits` and are the

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from vfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DataSplits, load_image, norm_stats
-from vfm.data.image_text.base import ImageTextDataset, check_bad_count, check_common
+from vfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, BadFileDataset, DataSplits, load_image, norm_stats
+from vfm.data.image_text.checks import check_bad_count, check_common
 
 __all__ = ["ImageTextCSV", "image_text_csv"]
 
 
-class ImageTextCSV(ImageTextDataset):
+class ImageTextCSV(BadFileDataset):
     """Image paths and captions from a CSV/TSV file (open_clip's ``--train-data`` CSV format).
 
     open_clip's ``--csv-img-key filepath --csv-caption-key title --csv-separator "\\t"`` map to
@@ -23,7 +23,8 @@ class ImageTextCSV(ImageTextDataset):
     comma otherwise. Relative image paths are relative to the CSV file's folder. Rows whose image
     file does not exist or whose caption is empty are skipped (counted and logged); more than
     ``max_bad_fraction`` of such rows raises. Items are ``(uint8 [in_chans, img_size, img_size],
-    caption (stripped), -1)``.
+    caption (stripped), -1)``. An image that fails to decode when read is handled by ``bad_files``
+    (:mod:`vfm.data.datasets.bad_files`: "skip" replaces it by the next item and counts it).
     """
 
     def __init__(
@@ -36,8 +37,9 @@ class ImageTextCSV(ImageTextDataset):
         img_size: int = 224,
         in_chans: int = 3,
         max_bad_fraction: float = 0.1,
+        bad_files: str = "skip",
     ) -> None:
-        super().__init__()
+        super().__init__(bad_files)
         check_common(img_size, in_chans, max_bad_fraction, "ImageTextCSV")
         self.path = Path(path)
         self.source = str(self.path)
@@ -96,9 +98,6 @@ class ImageTextCSV(ImageTextDataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _describe(self, i: int) -> str:
-        return self.files[i]
-
     def _load(self, i: int) -> tuple[Tensor, str, int]:
         image = load_image(self.files[i], resize=self.img_size, crop=self.img_size, in_chans=self.in_chans)
         return image, self.captions[i], -1
@@ -120,6 +119,7 @@ def image_text_csv(
     sep: str | None = None,
     max_bad_fraction: float = 0.1,
     num_classes: int = 0,
+    bad_files: str = "skip",
 ) -> DataSplits:
     """Image–text pairs from CSV/TSV files (:class:`ImageTextCSV`; open_clip's format).
 
@@ -135,7 +135,7 @@ def image_text_csv(
             f"dataset.num_classes must be 0 for image_text_csv (a CSV of captions has no labels), got {num_classes}"
         )
     kw = dict(img_key=img_key, caption_key=caption_key, sep=sep, img_size=img_size, in_chans=in_chans,
-              max_bad_fraction=max_bad_fraction)
+              max_bad_fraction=max_bad_fraction, bad_files=bad_files)
     train = ImageTextCSV(train_csv, **kw)  # type: ignore[arg-type]
     val = ImageTextCSV(val_csv, **kw) if val_csv else None  # type: ignore[arg-type]
     return DataSplits(train=train, val=val, test=None, img_size=img_size, in_chans=in_chans, mean=mean_t,

@@ -22,8 +22,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vfm.data.datasets import DECODE_ERRORS, IMAGENET_MEAN, IMAGENET_STD, DataSplits, load_image, norm_stats
-from vfm.data.image_text.base import N_EXAMPLES, ImageTextDataset, check_bad_count, check_common, log
+from vfm.data.datasets import (
+    DECODE_ERRORS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BadFileDataset,
+    DataSplits,
+    ImageDecodeError,
+    load_image,
+    norm_stats,
+)
+from vfm.data.image_text.checks import N_EXAMPLES, check_bad_count, check_common, log
 from vfm.io import atomic_write_text
 
 __all__ = ["IMAGE_EXTS", "WebDatasetShards", "expand_urls", "webdataset"]
@@ -179,7 +188,7 @@ def _shard_index(shard: str) -> dict[str, Any]:
     return index
 
 
-class WebDatasetShards(ImageTextDataset):
+class WebDatasetShards(BadFileDataset):
     """webdataset ``.tar`` shards read map-style: an index of member offsets, then one seek per read.
 
     A sample is the group of members sharing a key (the name up to the first dot after the last
@@ -187,7 +196,8 @@ class WebDatasetShards(ImageTextDataset):
     integer label (``cls``, else -1). Each shard's headers are scanned once with :mod:`tarfile` and
     the index is cached as ``<shard>.idx.json`` next to it when that folder is writable. Samples
     without an image or caption, or with an empty caption, are skipped and counted at index time;
-    a shard where more than ``max_bad_fraction`` of the samples are bad raises.
+    a shard where more than ``max_bad_fraction`` of the samples are bad raises. A sample whose image
+    fails to decode when read is handled by ``bad_files`` (:mod:`vfm.data.datasets.bad_files`).
 
     File handles are opened lazily and per process (a forked DataLoader worker must not share the
     parent's file offset), at most ``max_open_files`` at a time. The index lives in numpy arrays
@@ -202,8 +212,9 @@ class WebDatasetShards(ImageTextDataset):
         in_chans: int = 3,
         max_bad_fraction: float = 0.1,
         max_open_files: int = 32,
+        bad_files: str = "skip",
     ) -> None:
-        super().__init__()
+        super().__init__(bad_files)
         check_common(img_size, in_chans, max_bad_fraction, "WebDatasetShards")
         self.shards = expand_urls(urls)
         self.source = self.shards[0] if len(self.shards) == 1 else f"{self.shards[0]} (+{len(self.shards) - 1} shards)"
@@ -264,17 +275,15 @@ class WebDatasetShards(ImageTextDataset):
         return f
 
     def _load(self, i: int) -> tuple[Tensor, str, int]:
-        f = self._file(int(self._shard_id[i]))
-        data = _read(f, *self._image[i].tolist())
-        caption = _read(f, *self._text[i].tolist()).decode("utf-8").strip()
-        # PIL reads file objects as well as paths, so the shared decoder applies to member bytes.
-        buf = io.BytesIO(data)
+        name = self._describe(i)
         try:
-            image = load_image(buf, resize=self.img_size, crop=self.img_size, in_chans=self.in_chans)  # type: ignore[arg-type]
-        except DECODE_ERRORS as e:
-            # The message would name "<_io.BytesIO object at 0x...>"; _describe() names the member instead.
-            cause = e.__cause__ or e
-            raise OSError(f"{type(cause).__name__}: {str(cause).replace(repr(buf), 'the image bytes')}") from e
+            f = self._file(int(self._shard_id[i]))
+            data = _read(f, *self._image[i].tolist())
+            caption = _read(f, *self._text[i].tolist()).decode("utf-8").strip()
+        except DECODE_ERRORS as e:  # a shard truncated or rewritten since it was indexed
+            raise ImageDecodeError(f"cannot read sample {name}: {type(e).__name__}: {e}") from e
+        # PIL reads file objects as well as paths, so the shared decoder applies to member bytes.
+        image = load_image(io.BytesIO(data), resize=self.img_size, crop=self.img_size, in_chans=self.in_chans, name=name)
         return image, caption, int(self.labels[i])
 
     def close(self) -> None:
@@ -309,6 +318,7 @@ def webdataset(
     std: Sequence[float] = IMAGENET_STD,
     max_bad_fraction: float = 0.1,
     num_classes: int = 0,
+    bad_files: str = "skip",
 ) -> DataSplits:
     """Image–text pairs from webdataset ``.tar`` shards (:class:`WebDatasetShards`), e.g.
     ``urls=/data/cc3m/shard-{000000..000331}.tar``.
@@ -320,7 +330,8 @@ def webdataset(
     mean_t, std_t = norm_stats(mean, std, in_chans)
     if num_classes < 0:
         raise ValueError(f"dataset.num_classes must be >= 0, got {num_classes}")
-    train = WebDatasetShards(urls, img_size=img_size, in_chans=in_chans, max_bad_fraction=max_bad_fraction)
+    train = WebDatasetShards(urls, img_size=img_size, in_chans=in_chans, max_bad_fraction=max_bad_fraction,
+                             bad_files=bad_files)
     if num_classes and len(train.labels) and int(train.labels.max()) >= num_classes:
         raise ValueError(
             f"dataset.num_classes={num_classes} but the shards have .cls label {int(train.labels.max())}; "
