@@ -118,9 +118,9 @@ def _run_sections(ctx: Context, report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the chosen sections; write and return the report (what the JSON file holds)."""
+    args = parse_args(argv)  # before importing timm: --help stays quick
     import timm
 
-    args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible")
