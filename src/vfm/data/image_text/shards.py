@@ -3,6 +3,22 @@
 Being a plain ``Dataset`` (not an ``IterableDataset``) the shards go through
 :class:`vfm.data.sampler.SeededBatchSampler` like every other dataset, so they are sharded across
 processes, shuffled, and resumed mid-epoch exactly.
+
+Why not webdataset's own map-style reader, ``wids`` (0.1.11)? Measured on 2 CPU cores, 4,000
+random reads from 8 local shards of 64 px JPEGs (+ .txt + .cls), read with the same decoder:
+
+==============================  =============  ==============  ===========================
+shards x samples                bytes, ours    bytes, wids     decoded, ours / wids
+==============================  =============  ==============  ===========================
+8 x 50                          4.5 us/read    12.5 us/read    165 / 172 us/read
+8 x 400 (wids LRU 4 or 10)      8.3-9.5 us     28-41 us        487-537 / 507-514 us
+==============================  =============  ==============  ===========================
+
+Reading the bytes, wids is 3-4x slower (it re-parses a shard's tar headers each time its LRU
+opens it; we index once and cache ``<shard>.idx.json``); with decoding the two are within noise.
+wids also copies shards to a cache folder unless told otherwise, prints on every construction and
+has no notion of a broken sample, so the hand-written reader stays, and remote URLs
+(``http://``, ``pipe:``) are still refused: download the shards first.
 """
 
 from __future__ import annotations
