@@ -17,9 +17,7 @@ give the launcher and reads back what the launcher returns.
 
 # no `from __future__ import annotations`: Hydra loads this module outside sys.modules while
 # scanning for plugins, and dataclasses cannot resolve string annotations there
-import json
 import logging
-import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,11 +181,11 @@ class VfmSweeper(Sweeper):
 
     @staticmethod
     def _write_summary(sweep_dir: Path, records: list[dict[str, Any]]) -> None:
-        tmp = sweep_dir / ".sweep_summary.json.tmp"
-        tmp.write_text(json.dumps({"jobs": records}, indent=2))
-        os.replace(tmp, sweep_dir / "sweep_summary.json")
+        from vfm.io import atomic_write_json, atomic_write_text
+
+        atomic_write_json(sweep_dir / "sweep_summary.json", {"jobs": records})
         lines = ["| # | overrides | status | error | log |", "|---|---|---|---|---|"]
         for i, r in enumerate(records):
             lines.append(f"| {i} | `{' '.join(r['overrides'])}` | {r['status']} | {r['error'] or ''} | "
                          f"{r['log'] if r['status'] == 'failed' else ''} |")
-        (sweep_dir / "sweep_summary.md").write_text("\n".join(lines) + "\n")
+        atomic_write_text(sweep_dir / "sweep_summary.md", "\n".join(lines) + "\n")

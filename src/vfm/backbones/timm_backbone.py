@@ -22,6 +22,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vfm.io import atomic_write
+
 _META_KEY = "vfm_backbone"
 
 
@@ -189,16 +191,11 @@ class Backbone(nn.Module):
 
     def export(self, path: str | Path) -> Path:
         """Write the encoder weights as safetensors, loadable by `load_exported` or plain timm."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         meta = {_META_KEY: json.dumps({"name": self.name, "kwargs": _jsonable(self.create_kwargs)})}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return atomic_write(path, lambda f: f.write(save(state, metadata=meta)))
 
 
     @classmethod

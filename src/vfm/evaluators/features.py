@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import pickle
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vfm import distributed as vdist
+from vfm.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -185,21 +184,6 @@ def _cache_matches(cached: Any, cache_key: str, splits: Any) -> bool:
     return len(dims) == 1
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write to a unique temp file in the target directory then ``os.replace`` it into place, so
-    a crash (or a concurrent rank) never leaves a truncated cache under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def extract_split_features(
     encoder: nn.Module,
     splits: Any,
@@ -257,6 +241,6 @@ def extract_split_features(
     if path is not None and vdist.is_main_process():
         # dataset sizes too: unlabelled samples are dropped from x/y, so len(x) may be < len(ds)
         sizes = {f"{n}_n": len(getattr(splits, n)) for n in _SPLITS if getattr(splits, n, None) is not None}
-        _atomic_save({"key": cache_key, **out, **sizes}, path)
+        atomic_torch_save({"key": cache_key, **out, **sizes}, path)
         log.info("saved features to %s", path)
     return features
