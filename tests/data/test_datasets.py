@@ -308,6 +308,8 @@ def test_dataset_config_matches_builder(path: Path) -> None:
     params = inspect.signature(builder).parameters
     if name == "synthetic_captions":  # forwards the rest to `synthetic`
         params = {**params, **inspect.signature(D.synthetic).parameters}
+    if name == "captioned":  # forwards the rest to `benchmark`
+        params = {**params, **inspect.signature(D.benchmark).parameters}
     params = {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     keys = set(cfg.keys()) - {"_target_"}
     assert keys <= set(params), f"keys not in the builder's signature: {keys - set(params)}"

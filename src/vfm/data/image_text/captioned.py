@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,21 +137,14 @@ class CaptionedDataset(Dataset):
 def captioned(
     *,
     variant: str = "fashion_mnist",
-    root: str = "data",
-    download: bool = False,
-    val_fraction: float = 0.1,
     seed: int = 0,
-    img_size: int = 28,
-    in_chans: int = 1,
-    mean: Sequence[float] = (0.2860,),
-    std: Sequence[float] = (0.3530,),
-    num_classes: int = 10,
     held_out_classes: Sequence[int] = (),
     templates: Sequence[str] | None = None,
-    system_dirs: Sequence[str] | None = None,
+    **benchmark_kwargs: Any,
 ) -> DataSplits:
-    """A labelled benchmark (:func:`vfm.data.datasets.benchmark`, same arguments) with template
-    captions on its training split, for image–text pretraining with a labelled evaluation.
+    """A labelled benchmark (:func:`vfm.data.datasets.benchmark`, which receives ``variant``, ``seed``
+    and every other keyword: ``root``, ``img_size``, ``num_classes``, ...) with template captions on
+    its training split, for image–text pretraining with a labelled evaluation.
 
     ``train`` is :class:`CaptionedDataset` over the benchmark's train split without the
     ``held_out_classes`` (so zero-shot accuracy on them measures transfer to unseen classes);
@@ -159,20 +153,18 @@ def captioned(
     Fashion-MNIST, the benchmark's names otherwise). ``templates`` None means
     :data:`vfm.data.prompts.CAPTION_TEMPLATES`; the caption of a sample is fixed by ``seed``.
     """
+    splits = benchmark(variant=variant, seed=seed, **benchmark_kwargs)
+    num_classes = splits.num_classes
     held = sorted({int(c) for c in held_out_classes})
     if held and (held[0] < 0 or held[-1] >= num_classes):
         raise ValueError(f"dataset.held_out_classes must be class indices in [0, {num_classes}), got {held}")
     if len(held) >= num_classes:
         raise ValueError(f"dataset.held_out_classes={held} holds out every class; keep at least one for training")
-    splits = benchmark(variant=variant, root=root, download=download, val_fraction=val_fraction, seed=seed,
-                       img_size=img_size, in_chans=in_chans, mean=mean, std=std, num_classes=num_classes,
-                       system_dirs=system_dirs)
     names = list(FASHION_MNIST_CLASS_NAMES_NATURAL) if variant == "fashion_mnist" else list(splits.class_names)
     keep = [c for c in range(num_classes) if c not in held] if held else None
     train = CaptionedDataset(splits.train, names, CAPTION_TEMPLATES if templates is None else list(templates),
                              seed=seed, keep_classes=keep)
-    return DataSplits(train=train, val=splits.val, test=splits.test, img_size=img_size, in_chans=in_chans,
-                      mean=splits.mean, std=splits.std, num_classes=num_classes, class_names=names)
+    return dataclasses.replace(splits, train=train, class_names=names)
 
 
 def synthetic_captions(*, class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None,
@@ -183,5 +175,4 @@ def synthetic_captions(*, class_names: Sequence[str] | None = None, templates: S
     if len(names) != splits.num_classes:
         raise ValueError(f"dataset.class_names has {len(names)} names for {splits.num_classes} classes")
     train = CaptionedDataset(splits.train, names, CAPTION_TEMPLATES if templates is None else list(templates))
-    return DataSplits(train=train, val=splits.val, test=splits.test, img_size=splits.img_size, in_chans=splits.in_chans,
-                      mean=splits.mean, std=splits.std, num_classes=splits.num_classes, class_names=names)
+    return dataclasses.replace(splits, train=train, class_names=names)
