@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vfm.evaluators.features import SplitFeatures
+from vfm.evaluators.metrics import topk_accuracy
 from vfm.evaluators.protocols import FrozenFeatureEvaluator
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,6 @@ def _check_labels(y: Tensor, num_classes: int, split: str) -> None:
         )
     if (y >= num_classes).any():
         raise ValueError(f"{split} labels reach {int(y.max())} but num_classes={num_classes}")
-
-
-def topk_accuracy(scores: Tensor, y: Tensor, k: int) -> float:
-    """Percentage of rows whose true label is among the ``k`` highest scores."""
-    if len(y) == 0:
-        return float("nan")
-    pred = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return (pred == y.to(pred.device).view(-1, 1)).any(dim=1).sum().item() * 100.0 / len(y)
 
 
 class KNN(FrozenFeatureEvaluator):

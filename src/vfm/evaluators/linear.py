@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vfm.evaluators.features import SplitFeatures
+from vfm.evaluators.metrics import topk_correct
 from vfm.evaluators.protocols import FrozenFeatureEvaluator
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,5 @@ class LinearProbe(FrozenFeatureEvaluator):
         correct = torch.zeros(len(weight), dtype=torch.int64, device=x.device)
         for i in range(0, len(x), chunk):
             logits = torch.einsum("bd,ldc->lbc", x[i : i + chunk], weight) + bias[:, None]
-            pred = logits.topk(min(k, logits.shape[-1]), dim=-1).indices  # [L, b, k]
-            correct += (pred == y[i : i + chunk, None]).any(-1).sum(-1)
+            correct += topk_correct(logits, y[i : i + chunk], k).sum(-1)  # logits [L, b, C] -> [L]
         return correct.cpu().double() * 100.0 / len(x)
