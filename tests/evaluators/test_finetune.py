@@ -18,13 +18,10 @@ from torch import nn
 from vfm.backbones import Backbone
 from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.engine.checkpoint import CheckpointError
-from vfm.evaluators.finetune import (
-    CHECKPOINT_NAME,
-    FineTune,
-    FineTuneInterrupted,
-    layer_decay_param_groups,
-    set_drop_path,
-)
+from vfm.engine.optim import set_optimizer_values
+from vfm.evaluators.finetune import BEST_NAME, CHECKPOINT_NAME, FineTune, FineTuneInterrupted
+from vfm.evaluators.protocols import TrainsEncoderEvaluator
+from vfm.methods.classifier import layer_decay_param_groups, set_drop_path
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "evaluator" / "finetune.yaml"
 # The full recipe (mixup + cutmix, drop path, layer decay 0.75, crops) on a from-scratch tiny ViT:
@@ -77,7 +74,7 @@ def test_layer_decay_lrs_and_weight_decay(where: str) -> None:
     enc = tiny_vit()
     model: nn.Module = {"backbone": enc, "timm": enc.model,
                         "classifier": FineTune().build_model(enc, num_classes=4) if where == "classifier" else None}[where]
-    prefix = {"backbone": "model.", "timm": "", "classifier": "encoder.model."}[where]
+    prefix = {"backbone": "model.", "timm": "", "classifier": "backbone.model."}[where]
     groups = layer_decay_param_groups(model, base_lr=1.0, weight_decay=0.05, layer_decay=0.5)
     g = _by_name(groups)
     expected = {
@@ -125,6 +122,26 @@ def test_layer_decay_skips_frozen_and_resnet_falls_back() -> None:
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
     assert sum(len(g["params"]) for g in groups) == len(list(resnet.parameters()))
+
+
+def test_classifier_param_groups_drive_the_engine_optimizer() -> None:
+    """The classifier's groups carry the engine's multipliers: after `set_optimizer_values`, block
+    i of L trains at lr * decay ** (L - i), the head at lr, and no weight decay on 1-D parameters,
+    biases, the position embedding and [CLS]."""
+    model = FineTune(layer_decay=0.5).build_model(tiny_vit(), num_classes=4)
+    groups = model.param_groups()
+    opt = torch.optim.AdamW(groups, lr=0.0)
+    set_optimizer_values(opt, lr=2.0, wd=0.1)
+    lr = {n: g["lr"] for g in opt.param_groups for n in g["param_names"]}
+    wd = {n: g["weight_decay"] for g in opt.param_groups for n in g["param_names"]}
+    p = "backbone.model."
+    assert lr[p + "patch_embed.proj.weight"] == pytest.approx(2.0 * 0.5**4) and lr[p + "pos_embed"] == lr[p + "cls_token"]
+    assert lr[p + "blocks.0.attn.qkv.weight"] == pytest.approx(2.0 * 0.5**3)
+    assert lr[p + "blocks.2.mlp.fc2.bias"] == pytest.approx(2.0 * 0.5)
+    assert lr["head.weight"] == lr["head.bias"] == lr[p + "norm.weight"] == 2.0
+    assert wd["head.weight"] == wd[p + "blocks.1.attn.qkv.weight"] == 0.1
+    assert wd["head.bias"] == wd[p + "pos_embed"] == wd[p + "cls_token"] == wd[p + "blocks.1.norm1.weight"] == 0.0
+    assert sorted(id(q) for g in groups for q in g["params"]) == sorted(id(q) for q in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,10 +288,14 @@ def test_interrupted_then_resumed_is_bitwise_uninterrupted(tmp_path: Path, caplo
     assert resumed == full
 
     a, b = load_ckpt(tmp_path / "full"), load_ckpt(part)
-    assert a["epoch"] == b["epoch"] == 3 and a["best_epoch"] == b["best_epoch"] and a["val_hist"] == b["val_hist"]
-    assert a["model"].keys() == b["model"].keys()
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    val_hist = [[h["finetune/val_top1"] for h in c["history"]] for c in (a, b)]
+    assert a["epoch"] == b["epoch"] == 3 and len(val_hist[0]) == 3 and val_hist[0] == val_hist[1]
+    best_a, best_b = (torch.load(d / BEST_NAME, weights_only=False) for d in (tmp_path / "full", part))
+    assert best_a["epoch"] == best_b["epoch"] == full["finetune/best_epoch"]
+    for x, y in ((a, b), (best_a, best_b)):  # the last and the selected weights
+        assert x["model"].keys() == y["model"].keys()
+        for k in x["model"]:
+            assert torch.equal(x["model"][k], y["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) and torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"])
@@ -309,8 +330,10 @@ def test_mismatched_checkpoint_is_refused(tmp_path: Path) -> None:
     # the matching settings still resume
     assert FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=tmp_path)["finetune/best_epoch"] in (1.0, 2.0)
 
-    (tmp_path / "other").mkdir()
-    torch.save({"model": {}}, tmp_path / "other" / CHECKPOINT_NAME)  # e.g. a pretrain last.pt
+    other = tmp_path / "other" / CHECKPOINT_NAME
+    other.parent.mkdir(parents=True)
+    # e.g. a pretrain last.pt: a training checkpoint, not of a fine-tuning
+    torch.save({"model": {}, "optimizer": {}, "scaler": {}, "step": 8, "epoch": 1, "rng": {}}, other)
     with pytest.raises(CheckpointError, match="not a fine-tuning checkpoint"):
         FineTune(**kw)(tiny_vit(), splits, checkpoint_dir=tmp_path / "other")
     with pytest.raises(ValueError, match="stop_after_epoch needs a checkpoint_dir"):
@@ -338,7 +361,7 @@ def test_yaml_matches_constructor() -> None:
     params = set(inspect.signature(FineTune).parameters) - {"device", "progress"}
     assert set(cfg) - {"_target_"} == params
     ft = instantiate(cfg, device="cpu", progress=False)
-    assert isinstance(ft, FineTune) and ft.needs_encoder
+    assert isinstance(ft, FineTune) and isinstance(ft, TrainsEncoderEvaluator)
     assert ft.crop_scale == (0.08, 1.0) and all(isinstance(s, float) for s in ft.crop_scale)
     defaults = {n: p.default for n, p in inspect.signature(FineTune).parameters.items()}
     for key in cfg:
