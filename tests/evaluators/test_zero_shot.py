@@ -52,6 +52,8 @@ def test_zero_shot_accuracy_on_known_embeddings():
     # dogs and birds only: 2 of 3 right, among all classes and among {dog, bird}
     assert out["zero_shot/subset_top1"] == pytest.approx(100 * 2 / 3)
     assert out["zero_shot/subset_only_top1"] == pytest.approx(100 * 2 / 3)
+    # counted exactly (hits * 100 / n in float64), as kNN and the linear probe count
+    assert out["zero_shot/top1"] == 5 * 100.0 / 6 and out["zero_shot/subset_top1"] == 2 * 100.0 / 3
 
 
 def test_templates_need_a_slot():

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from vfm.data.prompts import ZERO_SHOT_TEMPLATES
 from vfm.evaluators.features import SplitFeatures
+from vfm.evaluators.metrics import topk_accuracy
 from vfm.evaluators.protocols import ImageTextEvaluator
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ def zero_shot_classifier(text_model: TextModel, class_names: Sequence[str], temp
         emb = F.normalize(text_model.encode_text([t.format(name) for t in templates]).float(), dim=-1)
         weights.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(weights)
-
-
-def _topk(logits: Tensor, labels: Tensor, k: int) -> float:
-    k = min(k, logits.shape[1])
-    return 100.0 * (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).float().mean().item()
 
 
 class ZeroShot(ImageTextEvaluator):
@@ -77,13 +73,13 @@ class ZeroShot(ImageTextEvaluator):
             with torch.no_grad():
                 logits = (text_model.project_image(x.to(device)) @ weights.T).cpu()
             pre = "zero_shot/" if split == "test" else "zero_shot/val_"
-            out[f"{pre}top1"], out[f"{pre}top5"] = _topk(logits, y, 1), _topk(logits, y, 5)
+            out[f"{pre}top1"], out[f"{pre}top5"] = topk_accuracy(logits, y, 1), topk_accuracy(logits, y, 5)
             if split == "test" and self.classes:
                 sel = torch.isin(y, torch.tensor(self.classes))
-                out["zero_shot/subset_top1"] = _topk(logits[sel], y[sel], 1)
+                out["zero_shot/subset_top1"] = topk_accuracy(logits[sel], y[sel], 1)
                 remap = {c: i for i, c in enumerate(self.classes)}
                 sub_y = torch.tensor([remap[int(c)] for c in y[sel]])
-                out["zero_shot/subset_only_top1"] = _topk(logits[sel][:, self.classes], sub_y, 1)
+                out["zero_shot/subset_only_top1"] = topk_accuracy(logits[sel][:, self.classes], sub_y, 1)
         log.info("zero-shot (%d classes, %d templates): %s", num_classes, len(self.templates),
                  ", ".join(f"{k}={v:.2f}" for k, v in out.items()))
         return out
