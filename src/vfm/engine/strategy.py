@@ -12,7 +12,9 @@ A strategy owns
   `wait_for_main`), so that every process takes the same decision at the same step.
 
 `SingleProcess` issues no collective, even when torch.distributed is initialised: rank 0 of a
-run can train alone (fine-tuning) while the other ranks wait.
+run can train alone (fine-tuning) while the other ranks wait. The method's own collectives
+(`vfm.distributed`: DINO's center, CLIP's gathered logits) do not ask the strategy, so a method
+trained this way inside a process group must compute its loss locally, as a classifier does.
 """
 
 from __future__ import annotations
