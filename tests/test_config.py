@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, compose_cfg
-from vfm.config import CONF_DIR, ConfigError, validate_pretrain
+from conftest import TINY, TINY_BASE, compose_cfg
+from vfm.config import (
+    CONF_DIR,
+    ConfigError,
+    applied_configs,
+    dataset_yields_captions,
+    register_resolvers,
+    validate_pretrain,
+)
 from vfm.methods.dino import DINO
 
 GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "experiment"]
@@ -39,10 +46,24 @@ def test_each_group_option_composes_and_validates(group, option, tmp_path):
         validate_pretrain(cfg)
 
 
+def _selecting_experiment(recipe: str) -> str | None:
+    """The experiment that selects a recipe not named <method>_<dataset> (never applied automatically)."""
+    for name in _options("experiment"):
+        if f"override /recipe: {recipe}" in (Path(CONF_DIR) / "experiment" / f"{name}.yaml").read_text():
+            return name
+    return None
+
+
 @pytest.mark.parametrize("recipe", _options("recipe"))
 def test_each_recipe_composes_with_its_dataset(recipe, tmp_path):
+    experiment = _selecting_experiment(recipe)
+    if experiment is not None:  # an explicit recipe: composed through the experiment that selects it
+        cfg = compose_cfg([f"experiment={experiment}", "dataset.root=."], tmp_path)
+        validate_pretrain(cfg)
+        return
     kind = max((m for m in ["eval", *_options("method")] if recipe.startswith(m + "_")), key=len)
     dataset = recipe[len(kind) + 1:]
+    assert dataset in _options("dataset"), f"recipe/{recipe}.yaml is neither <method>_<dataset> nor selected by an experiment"
     if kind == "eval":
         cfg = compose_cfg([f"dataset={dataset}", "checkpoint=random"], tmp_path, "evaluate")
         assert cfg.backbone.patch_size and cfg.dataset.img_size % cfg.backbone.patch_size == 0
@@ -116,6 +137,65 @@ def test_run_directory_names_can_be_passed_back_as_overrides():
                                                                   ("optim.blr", "0.001")])
     parsed = OverridesParser.create().parse_override(f"method.teacher=outputs/pretrain/{name}")
     assert parsed.value() == f"outputs/pretrain/{name}"
+
+
+def _applied(overrides: list[str], config_name: str = "pretrain") -> dict[str, list[str]] | None:
+    """applied_configs() as inside a command: Hydra's run config set for the composition."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    register_resolvers()
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        try:
+            return applied_configs()
+        finally:
+            HydraConfig.instance().cfg = None
+
+
+DEFAULT_FILES = ["paths/default.yaml", "backbone/vit_tiny_d6.yaml", "method/dino.yaml", "dataset/fashion_mnist.yaml",
+                 "optim/adamw.yaml", "optim/dino.yaml", "trainer/default.yaml", "logger/tensorboard.yaml",
+                 "evaluator/knn.yaml", "evaluator/linear.yaml", "pretrain.yaml", "recipe/dino_fashion_mnist.yaml"]
+
+
+def test_default_run_names_every_file_it_applies_recipe_last():
+    assert applied_configs() is None  # outside a command: not known
+    assert _applied([]) == {"files": DEFAULT_FILES, "overrides": []}
+    # a recipe that extends another lists both; files pulled in by a method too
+    assert _applied(["dataset=mnist"])["files"][-2:] == ["recipe/dino_fashion_mnist.yaml", "recipe/dino_mnist.yaml"]
+    assert "method/text_tower/transformer.yaml" in _applied(["method=clip", "dataset=fashion_mnist_captions"])["files"]
+    # no recipe/mae_cifar10.yaml: nothing listed for the optional entry
+    assert not any(f.startswith("recipe/") for f in _applied(["method=mae", "dataset=cifar10"])["files"])
+    # an experiment selects its groups and its recipe
+    files = _applied(["experiment=dino_vit_small_imagenet", "dataset.root=/data"])["files"]
+    assert {"backbone/vit_small.yaml", "dataset/imagefolder.yaml", "recipe/dino_vit_small_imagenet.yaml",
+            "experiment/dino_vit_small_imagenet.yaml"} <= set(files)
+    assert "eval_fashion_mnist" in _applied(["checkpoint=random"], "evaluate")["files"][-1]
+
+
+def test_recipe_can_be_turned_off_and_the_default_is_unchanged():
+    cfg, off = compose_cfg([]), compose_cfg(["~recipe"])
+    # what the recipe changes: DINO's paper values come back without it
+    assert (cfg.method.out_dim, cfg.backbone.patch_size, cfg.trainer.max_epochs) == (4096, 7, 3)
+    assert (off.method.out_dim, off.backbone.patch_size, off.trainer.max_epochs) == (65536, 16, 100)
+    assert "recipe/dino_fashion_mnist.yaml" not in _applied(["~recipe"])["files"]
+    # the experiment spelling out the default composes exactly the default
+    assert compose_cfg(["experiment=dino_fashion_mnist_cpu"]) == cfg
+
+
+def test_method_and_dataset_declare_captions():
+    validate_pretrain(compose_cfg(TINY_BASE + ["dataset=synthetic_captions", "method=clip", "method.embed_dim=32",
+                                               "method.text_tower.width=32", "method.text_tower.heads=2"]))
+    with pytest.raises(ConfigError, match=r"trains on image-text pairs but dataset .* has no captions"):
+        validate_pretrain(compose_cfg(TINY_BASE + ["method=clip"]))
+    assert dataset_yields_captions(compose_cfg(["dataset=fashion_mnist_captions"]).dataset._target_)
+    assert not dataset_yields_captions(compose_cfg([]).dataset._target_)
+
+
+def test_method_target_must_be_a_method():
+    with pytest.raises(ConfigError, match=r"is not a vfm\.methods\.base\.Method subclass"):
+        validate_pretrain(compose_cfg(TINY + ["method._target_=builtins.dict"]))
 
 
 def test_long_run_names_stay_distinct():

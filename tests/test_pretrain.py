@@ -139,7 +139,7 @@ def test_finetune_in_pretrain_and_evaluate_resumes(tiny_cfg, tmp_path):
     cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none", "trainer.precision=fp32", *FINETUNE)
     metrics = pretrain.run(cfg)
     run = Path(cfg.paths.output_dir)
-    assert torch.load(run / "eval/finetune/last.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(run / "eval/finetune/checkpoints/last.pt", weights_only=False)["epoch"] == 2
     # the same command again: pretraining and fine-tuning are both done, and are resumed as such
     again = pretrain.run(cfg)
     assert {k: again[k] for k in metrics if k.startswith("finetune/")} == {k: v for k, v in metrics.items() if k.startswith("finetune/")}
@@ -149,7 +149,7 @@ def test_finetune_in_pretrain_and_evaluate_resumes(tiny_cfg, tmp_path):
     e1 = tmp_path / "e1"
     with pytest.raises(FineTuneInterrupted, match="after epoch 1/2"):
         evaluate.run(compose_cfg(common + ["evaluator.finetune.stop_after_epoch=1"], e1, "evaluate"))
-    assert torch.load(e1 / "finetune/last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(e1 / "finetune/checkpoints/last.pt", weights_only=False)["epoch"] == 1
     assert not (e1 / "metrics.json").exists()
     resumed = evaluate.run(compose_cfg(common, e1, "evaluate"))
     full = evaluate.run(compose_cfg(common, tmp_path / "e2", "evaluate"))
@@ -182,7 +182,7 @@ def test_evaluate_finetune_two_process_gloo_torchrun(tiny_cfg, tmp_path):
     proc = subprocess.run([*cmd, "evaluator.finetune.stop_after_epoch=2"], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode != 0 and "finetune stopped after epoch 2/4" in proc.stderr, proc.stderr[-3000:]
-    assert torch.load(ddp / "finetune/last.pt", weights_only=False)["epoch"] == 2
+    assert torch.load(ddp / "finetune/checkpoints/last.pt", weights_only=False)["epoch"] == 2
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((ddp / "metrics.json").read_text())["metrics"]
@@ -191,8 +191,8 @@ def test_evaluate_finetune_two_process_gloo_torchrun(tiny_cfg, tmp_path):
     assert "batch 64 = 2 x 32" in log_text and "resuming from" in log_text
 
     one = evaluate.run(compose_cfg(ft, tmp_path / "one", "evaluate"))
-    a = torch.load(ddp / "finetune/last.pt", weights_only=False)
-    b = torch.load(tmp_path / "one/finetune/last.pt", weights_only=False)
+    a = torch.load(ddp / "finetune/checkpoints/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "one/finetune/checkpoints/last.pt", weights_only=False)
     assert (a["world_size"], b["world_size"], a["epoch"], b["epoch"]) == (2, 1, 4, 4)
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
@@ -213,7 +213,7 @@ def test_two_process_pretrain_finetunes_on_rank_0_alone(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finetune/top1" in json.loads((run / "metrics.json").read_text())["metrics"]
-    assert torch.load(run / "eval/finetune/last.pt", weights_only=False)["world_size"] == 1
+    assert torch.load(run / "eval/finetune/checkpoints/last.pt", weights_only=False)["world_size"] == 1
 
 
 def test_evaluate_zero_shot_on_a_clip_checkpoint(tiny_method_cfg, tmp_path):
@@ -241,3 +241,27 @@ def test_random_init_baseline_is_the_encoder_before_training(tiny_method_cfg):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
     # MAE's encoder starts with its fixed sin-cos positions, and so does its baseline
     assert torch.allclose(a.model.pos_embed[0, 1:], sincos_pos_embed_2d(32, 4, 4))
+
+
+def test_the_command_names_its_config_files_and_backbone(tmp_path):
+    """`pretrain` (a real command: Hydra's record of it) lists every config file applied, presets
+    included, and the backbone as built, in its log and in metrics.json."""
+    run = tmp_path / "cli"
+    # recipe=dino_fashion_mnist: the default's preset, here on synthetic data (no dino_synthetic recipe)
+    cmd = [sys.executable, "-m", "vfm.pretrain", *TINY, "recipe=dino_fashion_mnist", "trainer.max_steps=1",
+           "evaluator=[]", "eval.baseline=false", "logger=none", f"hydra.run.dir={run}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = ["paths/default.yaml", "backbone/vit_tiny_d6.yaml", "method/dino.yaml", "dataset/synthetic.yaml",
+             "optim/adamw.yaml", "optim/dino.yaml", "trainer/default.yaml", "logger/none.yaml", "pretrain.yaml",
+             "recipe/dino_fashion_mnist.yaml"]
+    out = json.loads((run / "metrics.json").read_text())
+    assert out["config_files"] == files
+    assert "recipe=dino_fashion_mnist" in out["overrides"]
+    # the default backbone's timm name with what the overrides made of it
+    assert out["backbone"] == {"timm_name": "vit_tiny_patch16_224", "depth": 2, "embed_dim": 32, "num_heads": 2,
+                               "patch_size": 7, "img_size": 28, "in_chans": 1, "params": out["backbone"]["params"]}
+    assert out["backbone"]["params"] > 0
+    log_text = (run / "pretrain.log").read_text()
+    assert f"config files (in merge order, later ones win): {', '.join(files)}" in log_text
+    assert "backbone: vit_tiny_patch16_224 with depth=2, embed_dim=32, num_heads=2, patch_size=7, img_size=28" in log_text

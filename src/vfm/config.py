@@ -333,3 +333,27 @@ def _check_method_files(method: DictConfig) -> None:
                 f"{'tokenizer.pt' if key == 'tokenizer' else 'encoder.safetensors / checkpoints/last.pt'})"
             )
 
+
+def applied_configs() -> dict[str, list[str]] | None:
+    """What this command composed: {"files": every file of conf/ applied, in merge order (later
+    ones win), "overrides": the command-line overrides}; Hydra's own files (hydra/...) left out.
+
+    For `pretrain` with no overrides the files are pretrain.yaml, paths/default, backbone/vit_tiny_d6,
+    method/dino, dataset/fashion_mnist, optim/adamw, optim/dino, trainer/default, logger/tensorboard,
+    evaluator/knn, evaluator/linear, then recipe/dino_fashion_mnist (the optional
+    `recipe: ${method}_${dataset}`, listed only when such a file exists) and an experiment when one
+    is selected. Recomputed from Hydra's defaults list (no config is loaded again). None when the
+    config was not composed by a Hydra command (tests and scripts compose their own).
+    """
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not (HydraConfig.initialized() and GlobalHydra.instance().is_initialized()):
+        return None
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    defaults = GlobalHydra.instance().config_loader().compute_defaults_list(hc.job.config_name, overrides, RunMode.RUN)
+    paths = [d.config_path for d in defaults.defaults if d.config_path]
+    files = [f"{p}.yaml" for p in paths if p != "hydra" and not p.startswith(("hydra/", "_dummy"))]
+    return {"files": files, "overrides": overrides}

@@ -18,9 +18,7 @@ rank 0 writes metrics.json, the feature cache and TensorBoard.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,12 +31,13 @@ from omegaconf import DictConfig, OmegaConf
 from vfm import distributed as vdist
 from vfm.backbones.loading import EncoderLoadError, load_pretrained_encoder
 from vfm.backbones.timm_backbone import exported_metadata
-from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, validate_evaluate
+from vfm.config import CONF_DIR, ConfigError, applied_configs, register_resolvers, run_or_exit, validate_evaluate
 from vfm.engine.checkpoint import CheckpointError
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
 from vfm.evaluators.protocols import ImageTextEvaluator
 from vfm.evaluators.suite import run_evaluators
+from vfm.io import atomic_write_json
 from vfm.methods.base import Method
 
 log = logging.getLogger("vfm.evaluate")
@@ -90,24 +89,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # process's local GPU)
     device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
     vdist.init_distributed(device_type)
-    rank = vdist.get_rank()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    applied = applied_configs()
+    if applied is not None:
+        log.info("config files (in merge order, later ones win): %s", ", ".join(applied["files"]))
     device = str(select_device(cfg.trainer.device))
     evaluators = {k: instantiate(v) for k, v in (cfg.get("evaluator") or {}).items()}
     if not evaluators:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
-    text_model = None
-    if any(isinstance(ev, ImageTextEvaluator) for ev in evaluators.values()):
-        method = load_method(str(cfg.checkpoint))  # zero-shot needs the whole image-text model
-        text_model = method.text_model
-        if text_model is None:
-            raise ConfigError(f"evaluator=[zero_shot] needs an image-text checkpoint (method=clip); "
-                              f"{cfg.checkpoint} is a {type(method).__name__} run")
-        text_model = text_model.to(device).eval()
-        encoder, key = text_model.encoder, f"{Path(str(cfg.checkpoint)).resolve()}-clip"
-    else:
-        encoder, key = load_encoder(str(cfg.checkpoint), cfg.backbone, seed=cfg.trainer.seed)
+    encoder, key, text_model = load_models(cfg, evaluators, device)
     splits = instantiate(cfg.dataset)
     cache = None
     if cfg.eval.cache_features:
@@ -118,17 +109,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         precision=cfg.eval.precision, cache_path=cache, cache_key=key, progress=cfg.trainer.progress,
         text_model=text_model, work_dir=run_dir,
     )
-    if rank == 0:
-        tmp = run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps({"checkpoint": str(cfg.checkpoint), "metrics": metrics}, indent=2))
-        os.replace(tmp, run_dir / "metrics.json")
-        logger = instantiate(cfg.logger, save_dir=str(run_dir))
-        logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, 0)
-        logger.close()
-        lines = [f"{k:24s} {v:8.2f}" for k, v in metrics.items()]
-        print(f"evaluation of {cfg.checkpoint}:\n" + "\n".join(lines), flush=True)
+    if vdist.get_rank() == 0:
+        _write_results(cfg, run_dir, metrics, applied)
     vdist.wait_for_main()  # rank 0 may have evaluated alone for a long time
     return metrics
+
+
+def load_models(cfg: DictConfig, evaluators: dict[str, Any], device: str) -> tuple[torch.nn.Module, str, torch.nn.Module | None]:
+    """(encoder, feature-cache key, text model): the whole pretraining method when an image-text
+    evaluator needs its text tower (zero-shot), else the encoder alone."""
+    if not any(isinstance(ev, ImageTextEvaluator) for ev in evaluators.values()):
+        encoder, key = load_encoder(str(cfg.checkpoint), cfg.backbone, seed=cfg.trainer.seed)
+        return encoder, key, None
+    method = load_method(str(cfg.checkpoint))
+    if method.text_model is None:
+        raise ConfigError(f"evaluator=[zero_shot] needs an image-text checkpoint (method=clip); "
+                          f"{cfg.checkpoint} is a {type(method).__name__} run")
+    method.to(device).eval()
+    return method.encoder, f"{Path(str(cfg.checkpoint)).resolve()}-clip", method.text_model
+
+
+def _write_results(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], applied: dict[str, list[str]] | None) -> None:
+    """metrics.json (with the config files applied), TensorBoard, and the metrics on stdout."""
+    atomic_write_json(run_dir / "metrics.json", {
+        "checkpoint": str(cfg.checkpoint), "metrics": metrics,
+        "config_files": applied and applied["files"], "overrides": applied and applied["overrides"],
+    })
+    logger = instantiate(cfg.logger, save_dir=str(run_dir))
+    logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, 0)
+    logger.close()
+    lines = [f"{k:24s} {v:8.2f}" for k, v in metrics.items()]
+    print(f"evaluation of {cfg.checkpoint}:\n" + "\n".join(lines), flush=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")

@@ -9,11 +9,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,24 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vfm import distributed as vdist
+from vfm.backbones import Backbone
 from vfm.config import (
     CONF_DIR,
     METHOD_COMPONENT_KEYS,
     ConfigError,
+    applied_configs,
     register_resolvers,
     run_or_exit,
     validate_pretrain,
 )
+from vfm.data.collate import Collate
+from vfm.data.datasets import DataSplits
 from vfm.engine.logging import NullLogger
 from vfm.engine.preemption import Preempted, requeue_slurm_job
-from vfm.engine.trainer import select_device
+from vfm.engine.trainer import Trainer, select_device
+from vfm.evaluators.protocols import Evaluator
 from vfm.evaluators.suite import run_evaluators, without_image_text
+from vfm.io import atomic_write_json, atomic_write_text
 from vfm.methods.base import Method
 
 log = logging.getLogger("vfm.pretrain")
@@ -99,19 +105,52 @@ def format_table(metrics: dict[str, float], method_name: str) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Components:
+    """Everything `run` builds from the config before training (the phases below share it)."""
+
+    method: Method
+    masking: Callable[..., torch.Tensor] | None  # the method's patch-mask sampler, if it masks
+    collate: Collate
+    schedules: dict[str, Any]
+    optim: Any
+    trainer: Trainer
+    splits: DataSplits
+    evaluators: dict[str, Evaluator]
+    logger: Any
+    eval_kw: dict[str, Any]  # what every run_evaluators call here shares
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain as configured and return the final metrics (also written to metrics.json)."""
-    world = vdist.env_world_size()
-    validate_pretrain(cfg, world)  # fails fast: nothing built or read yet
+    validate_pretrain(cfg, vdist.env_world_size())  # fails fast: nothing built or read yet
+    run_dir = set_up_run(cfg)
+    parts = build_components(cfg, run_dir)
+    provenance = log_start(cfg, parts.method, run_dir)
+    result = train(cfg, parts, run_dir)
+    metrics: dict[str, Any] = {}
+    if vdist.get_rank() == 0:
+        metrics = final_evaluation(cfg, parts, run_dir, result)
+        finish(cfg, parts, run_dir, result, metrics, provenance)
+    vdist.wait_for_main()
+    return metrics
+
+
+def set_up_run(cfg: DictConfig) -> Path:
+    """Join the process group (under torchrun) and create the run directory with the resolved
+    config in it (rank 0)."""
     device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
     vdist.init_distributed(device_type, timeout_s=cfg.trainer.dist_timeout_s)
-    rank = vdist.get_rank()
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(resolved)
+    if vdist.get_rank() == 0:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    return run_dir
 
+
+def build_components(cfg: DictConfig, run_dir: Path) -> Components:
+    """The method (seeded), its data pipeline, optimizer, schedules, trainer, the data (the first
+    read), the evaluators and the logger."""
     method = build_method(cfg)
     augment = instantiate(cfg.method.augment)
     masking = instantiate(cfg.method.masking) if cfg.method.get("masking") is not None else None
@@ -121,67 +160,114 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer = instantiate(cfg.trainer)
     splits = instantiate(cfg.dataset)  # the first data read
     evaluators = {k: instantiate(v) for k, v in (cfg.get("evaluator") or {}).items()}
-    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if rank == 0 else NullLogger()
-    logger.log_text("config", resolved)
-    device = str(select_device(cfg.trainer.device))
+    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if vdist.get_rank() == 0 else NullLogger()
+    logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
     # distributed=False: every evaluation below runs on rank 0 alone (the others wait at a barrier),
     # so fine-tuning must not wait for them in DDP collectives
-    eval_kw = dict(device=device, batch_size=cfg.eval.batch_size, precision=cfg.eval.precision,
-                   progress=trainer.progress, distributed=False)
+    eval_kw = dict(device=str(select_device(cfg.trainer.device)), batch_size=cfg.eval.batch_size,
+                   precision=cfg.eval.precision, progress=trainer.progress, distributed=False)
+    return Components(method, masking, collate, schedules, optim, trainer, splits, evaluators, logger, eval_kw)
 
-    text_model = method.text_model  # image-text methods: zero-shot
+
+def log_start(cfg: DictConfig, method: Method, run_dir: Path) -> dict[str, Any]:
+    """Say what runs: the config files applied (presets included), the command-line overrides and
+    the backbone as built. Returns the same, for metrics.json."""
+    applied = applied_configs()
+    backbone = describe_backbone(method.encoder)
+    log.info("pretraining %s on %s -> %s", _method_name(cfg), dataset_name(cfg), run_dir)
+    if applied is None:
+        log.info("config files: not known (the config was composed outside a `pretrain` command)")
+    else:
+        log.info("config files (in merge order, later ones win): %s", ", ".join(applied["files"]))
+        log.info("overrides: %s", " ".join(applied["overrides"]) or "none")
+    log.info("backbone: %s", format_backbone(backbone))
+    return {"config_files": applied and applied["files"], "overrides": applied and applied["overrides"],
+            "backbone": backbone}
+
+
+def train(cfg: DictConfig, parts: Components, run_dir: Path) -> dict[str, Any]:
+    """`Trainer.fit` on the training split, evaluating every `eval.every_n_epochs` epochs."""
+    method = parts.method
 
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
-        visualize(encoder, splits, run_dir, logger, epoch, method=method, masking=masking)
-        return run_evaluators(encoder, splits, evaluators, text_model=text_model, **eval_kw)
+        visualize(encoder, parts.splits, run_dir, parts.logger, epoch, method=method, masking=parts.masking)
+        return run_evaluators(encoder, parts.splits, parts.evaluators, text_model=method.text_model, **parts.eval_kw)
 
-    method_name = cfg.method._target_.rsplit(".", 1)[-1]
-    log.info("pretraining %s on %s with %s -> %s", method_name, dataset_name(cfg), cfg.backbone.name, run_dir)
-    result = trainer.fit(
-        method, splits.train, collate, optim=optim, schedules=schedules, run_dir=run_dir,
-        logger=logger, evaluate_fn=evaluate_fn, eval_every_n_epochs=cfg.eval.every_n_epochs,
+    return parts.trainer.fit(
+        method, parts.splits.train, parts.collate, optim=parts.optim, schedules=parts.schedules, run_dir=run_dir,
+        logger=parts.logger, evaluate_fn=evaluate_fn, eval_every_n_epochs=cfg.eval.every_n_epochs,
         extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "encoder_prefix": encoder_prefix(method)},
     )
 
-    metrics: dict[str, Any] = {}
-    if rank == 0:
-        encoder = method.encoder
-        _export(method, run_dir, cfg)
-        visualize(encoder, splits, run_dir, logger, cfg.trainer.max_epochs, method=method, masking=masking)
-        metrics.update(_method_report(method, splits))  # e.g. a tokenizer's codebook usage
-        cache = run_dir / "features" if cfg.eval.cache_features else None
-        # work_dir: fine-tuning keeps its state in <run>/eval/finetune, so running the same
-        # command again (training already done) resumes it
+
+def final_evaluation(cfg: DictConfig, parts: Components, run_dir: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0, after training: export, visualise, the method's own report, every evaluator on the
+    trained encoder and (`eval.baseline`) on the same encoder at random initialisation."""
+    method, splits, evaluators = parts.method, parts.splits, parts.evaluators
+    _export(method, run_dir, cfg)
+    visualize(method.encoder, splits, run_dir, parts.logger, cfg.trainer.max_epochs, method=method, masking=parts.masking)
+    metrics: dict[str, Any] = _method_report(method, splits)  # e.g. a tokenizer's codebook usage
+    cache = run_dir / "features" if cfg.eval.cache_features else None
+    # work_dir: fine-tuning keeps its state in <run>/eval/finetune, so running the same
+    # command again (training already done) resumes it
+    metrics.update(run_evaluators(
+        method.encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
+        cache_key=f"step{result['step']}", text_model=method.text_model, work_dir=run_dir / "eval", **parts.eval_kw,
+    ))
+    # the random-init baseline: no text tower to zero-shot with
+    baseline_evs = without_image_text(evaluators)
+    if cfg.eval.baseline and baseline_evs:
         metrics.update(run_evaluators(
-            encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
-            cache_key=f"step{result['step']}", text_model=text_model, work_dir=run_dir / "eval", **eval_kw,
+            build_random_encoder(cfg).to(parts.eval_kw["device"]), splits, baseline_evs, prefix="baseline/",
+            cache_path=cache and cache / "random_init.pt", cache_key="random",
+            work_dir=run_dir / "eval", **parts.eval_kw,  # -> <run>/eval/baseline/finetune
         ))
-        # the random-init baseline: frozen-feature evaluators only (no text tower to zero-shot with)
-        baseline_evs = without_image_text(evaluators)
-        if cfg.eval.baseline and baseline_evs:
-            metrics.update(run_evaluators(
-                build_random_encoder(cfg).to(device), splits, baseline_evs, prefix="baseline/",
-                cache_path=cache and cache / "random_init.pt", cache_key="random",
-                work_dir=run_dir / "eval", **eval_kw,  # -> <run>/eval/baseline/finetune
-            ))
-        history = result["history"]
-        metrics.update({
-            "train/steps": result["step"], "train/epochs": result["epoch"],
-            "train/final_loss": history[-1]["loss"] if history else float("nan"),
-            "train/images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else float("nan"),
-            "train/seconds": float(sum(h["seconds"] for h in history)),
-        })
-        tmp = run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps({"metrics": metrics, "lr_rule": result["lr_rule"]}, indent=2))
-        os.replace(tmp, run_dir / "metrics.json")
-        logger.log_scalars({f"final/{k}": v for k, v in metrics.items()}, result["step"])
-        logger.log_hparams(_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k})
-        logger.close()
-        if any(k.endswith("top1") for k in metrics):
-            table = format_table(metrics, method_name)
-            log.info("final evaluation (%s):\n%s", run_dir, table)
-    vdist.wait_for_main()
+    history = result["history"]
+    metrics.update({
+        "train/steps": result["step"], "train/epochs": result["epoch"],
+        "train/final_loss": history[-1]["loss"] if history else float("nan"),
+        "train/images_per_s": float(np.mean([h["images_per_s"] for h in history])) if history else float("nan"),
+        "train/seconds": float(sum(h["seconds"] for h in history)),
+    })
     return metrics
+
+
+def finish(cfg: DictConfig, parts: Components, run_dir: Path, result: dict[str, Any], metrics: dict[str, Any],
+           provenance: dict[str, Any]) -> None:
+    """metrics.json (the metrics, the lr rule, the config files, the backbone), TensorBoard's
+    final scalars and hparams, and the results table in the log."""
+    atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "lr_rule": result["lr_rule"], **provenance})
+    logger = parts.logger
+    logger.log_scalars({f"final/{k}": v for k, v in metrics.items()}, result["step"])
+    logger.log_hparams(_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k})
+    logger.close()
+    if any(k.endswith("top1") for k in metrics):
+        log.info("final evaluation (%s):\n%s", run_dir, format_table(metrics, _method_name(cfg)))
+
+
+def describe_backbone(backbone: Backbone) -> dict[str, Any]:
+    """The backbone as built: the timm name and what the config's overrides made of it (a
+    `vit_tiny_patch16_224` with `depth: 6` and `patch_size: 7` is neither tiny-12 nor 16 px)."""
+    info: dict[str, Any] = {"timm_name": backbone.name}
+    if backbone.is_vit:  # timm VisionTransformer
+        vit = backbone.model
+        info.update(depth=len(vit.blocks), embed_dim=backbone.embed_dim, num_heads=int(vit.blocks[0].attn.num_heads),
+                    patch_size=backbone.patch_size, img_size=int(vit.patch_embed.img_size[0]))
+    else:
+        info["embed_dim"] = backbone.embed_dim
+    info["in_chans"] = int(backbone.create_kwargs["in_chans"])
+    info["params"] = sum(p.numel() for p in backbone.parameters())
+    return info
+
+
+def format_backbone(info: dict[str, Any]) -> str:
+    """E.g. "vit_tiny_patch16_224 with depth=6, embed_dim=192, ..., in_chans=1: 2,682,624 parameters"."""
+    sizes = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("timm_name", "params"))
+    return f"{info['timm_name']} with {sizes}: {info['params']:,} parameters"
+
+
+def _method_name(cfg: DictConfig) -> str:
+    return str(cfg.method._target_).rsplit(".", 1)[-1]
 
 
 def visualize(
