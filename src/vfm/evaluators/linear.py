@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vfm.engine.schedules import Cosine
 from vfm.evaluators.features import SplitFeatures
 from vfm.evaluators.metrics import topk_correct
 from vfm.evaluators.protocols import FrozenFeatureEvaluator
@@ -135,8 +136,8 @@ class LinearProbe(FrozenFeatureEvaluator):
         bias = torch.zeros(num_heads, num_classes, device=x.device, requires_grad=True)
         buf_w, buf_b = torch.zeros_like(weight), torch.zeros_like(bias)
         base_lr = torch.tensor(self.lrs, device=x.device)
-        steps_per_epoch = math.ceil(n / self.batch_size)
-        total = self.epochs * steps_per_epoch
+        # half-cosine from each head's lr to 0 over all steps, no warmup
+        lr_factor = Cosine(1.0, 0.0).build(math.ceil(n / self.batch_size), self.epochs)
         step = 0
         for _ in range(self.epochs):
             perm = torch.randperm(n, generator=gen).to(x.device)
@@ -152,7 +153,7 @@ class LinearProbe(FrozenFeatureEvaluator):
                 g_w, g_b = torch.autograd.grad(loss, (weight, bias))
                 with torch.no_grad():
                     # SGD with momentum (PyTorch convention: v = m v + g; p -= lr v), cosine lr per head.
-                    lr = base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                    lr = base_lr * lr_factor[step]
                     if self.weight_decay:
                         g_w = g_w.add(weight, alpha=self.weight_decay)
                     buf_w.mul_(self.momentum).add_(g_w)
