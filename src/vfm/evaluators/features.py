@@ -78,6 +78,41 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
+@contextlib.contextmanager
+def _frozen_on(encoder: nn.Module, device: torch.device) -> Iterator[None]:
+    """`encoder` in eval mode on `device` for the block; afterwards every submodule's train/eval
+    flag is restored and, if it had to be moved, the encoder goes back to the device it came from
+    (a trainer's model is never left on the wrong device or in the wrong mode)."""
+    home = next(itertools.chain(encoder.parameters(), encoder.buffers()), None)
+    home_device = home.device if home is not None else device
+    if home_device != device:
+        encoder.to(device)
+    # Restore each submodule's own flag rather than calling encoder.train(prev): a caller may keep
+    # parts of the model in eval mode on purpose (e.g. frozen norm layers during fine-tuning).
+    modes = [(m, m.training) for m in encoder.modules()]
+    encoder.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        if home_device != device:
+            encoder.to(home_device)
+
+
+def _eval_input(images: Tensor, crop_size: int | None, mean: Tensor, std: Tensor) -> Tensor:
+    """The eval transform of DINO / MAE on a batch: ``[B, C, H, W]`` images (uint8 or float in
+    [0, 1]) centre-cropped to ``crop_size`` when larger, then normalised with ``mean`` / ``std``
+    (``[1, C, 1, 1]``)."""
+    x = _to_unit_float(images)
+    if crop_size is not None and (x.shape[-2] > crop_size or x.shape[-1] > crop_size):
+        top, left = (x.shape[-2] - crop_size) // 2, (x.shape[-1] - crop_size) // 2
+        x = x[..., top : top + crop_size, left : left + crop_size]
+    if mean.shape[1] != x.shape[1] or std.shape[1] != x.shape[1]:
+        raise ValueError(f"mean/std have {mean.shape[1]}/{std.shape[1]} entries but images have {x.shape[1]} channels")
+    return (x - mean) / std
+
+
 @torch.no_grad()
 def extract_features(
     encoder: nn.Module,
@@ -122,31 +157,14 @@ def extract_features(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    home = next(itertools.chain(encoder.parameters(), encoder.buffers()), None)
-    home_device = home.device if home is not None else device
-    if home_device != device:
-        encoder.to(device)
-
-    # Restore each submodule's own flag rather than calling encoder.train(prev): a caller may keep
-    # parts of the model in eval mode on purpose (e.g. frozen norm layers during fine-tuning).
-    modes = [(m, m.training) for m in encoder.modules()]
-    encoder.eval()
+    mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
     feats: list[Tensor] = []
     labs: list[Tensor] = []
-    mean_t = std_t = None
-    try:
+    with _frozen_on(encoder, device):
         num_batches, batches = _iter_batches(dataset, batch_size, num_workers)
         for images, labels in tqdm(batches, total=num_batches, desc=desc, disable=not progress, leave=False):
-            x = _to_unit_float(images.to(device, non_blocking=True))
-            if crop_size is not None and (x.shape[-2] > crop_size or x.shape[-1] > crop_size):
-                top, left = (x.shape[-2] - crop_size) // 2, (x.shape[-1] - crop_size) // 2
-                x = x[..., top : top + crop_size, left : left + crop_size]
-            if mean_t is None:
-                if len(mean) != x.shape[1] or len(std) != x.shape[1]:
-                    raise ValueError(f"mean/std have {len(mean)}/{len(std)} entries but images have {x.shape[1]} channels")
-                mean_t = torch.tensor(list(mean), dtype=x.dtype, device=device).view(1, -1, 1, 1)
-                std_t = torch.tensor(list(std), dtype=x.dtype, device=device).view(1, -1, 1, 1)
-            x = (x - mean_t) / std_t
+            x = _eval_input(images.to(device, non_blocking=True), crop_size, mean_t, std_t)
             with _autocast(device, precision):
                 out = encoder(x)
             if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
@@ -154,11 +172,6 @@ def extract_features(
                 raise ValueError(f"encoder must return global features [B, D]; got {shape} for B={x.shape[0]}")
             feats.append(out.float().cpu())
             labs.append(torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu())
-    finally:
-        for module, training in modes:
-            module.training = training
-        if home_device != device:
-            encoder.to(home_device)
 
     if not feats:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
