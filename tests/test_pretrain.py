@@ -165,14 +165,15 @@ def test_finetune_in_pretrain_and_evaluate_resumes(tiny_cfg, tmp_path):
 @pytest.mark.slow
 def test_evaluate_finetune_two_process_gloo_torchrun(tiny_cfg, tmp_path):
     """DDP fine-tuning under torchrun, interrupted and resumed, ends where one uninterrupted process
-    does on the same global batches: without mixup and drop path (per-process draws) and in fp32,
-    only the float summation order of the gradients differs."""
+    does on the same global batches: without crops, flips, mixup and drop path (each process draws
+    its own) and in fp32, only the float summation order of the gradients differs."""
     cfg = tiny_cfg("trainer.max_epochs=1", "eval.baseline=false", "logger=none", "evaluator=[]", "trainer.precision=fp32")
     pretrain.run(cfg)
     ft = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none",
           f"checkpoint={cfg.paths.output_dir}/checkpoints/last.pt", *FINETUNE,
           "evaluator.finetune.mixup=0.0", "evaluator.finetune.cutmix=0.0", "evaluator.finetune.drop_path=0.0",
-          # an lr at which it learns (~45% top-1 vs 25% chance) over 32 steps with crops and flips
+          "evaluator.finetune.crop_scale=[1.0,1.0]", "evaluator.finetune.flip_p=0.0",  # full images, no flip
+          # an lr at which it learns over 32 steps
           "evaluator.finetune.epochs=4", "evaluator.finetune.blr=0.01", "evaluator.finetune.warmup_epochs=0.5"]
     ddp = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

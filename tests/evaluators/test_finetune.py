@@ -351,6 +351,57 @@ def test_global_batch_must_split_over_processes(monkeypatch: pytest.MonkeyPatch)
         FineTune(**{**QUICK, "batch_size": 36})(tiny_vit(), make_splits(64))
 
 
+# Under torchrun: the evaluator called by every process, as `evaluate` does.
+TORCHRUN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_finetune import DATA_PARALLEL, make_splits, tiny_vit
+from vfm import distributed as vdist
+from vfm.evaluators.finetune import FineTune
+vdist.init_distributed("cpu")
+out = FineTune(**DATA_PARALLEL, strategy=sys.argv[1])(tiny_vit(), make_splits(n_train=256), checkpoint_dir=sys.argv[2])
+with open(sys.argv[2] + f"/metrics_rank{{vdist.get_rank()}}.json", "w") as f:
+    json.dump(out, f)
+vdist.destroy()
+"""
+# Without per-process random draws (each process seeds its own crops, flips, mixup and drop path):
+# full-image crops, no flip, no mixup, no drop path, fp32. Then one process and two see the same
+# global batches and only the float summation order of the gradients differs.
+DATA_PARALLEL = dict(epochs=2, batch_size=32, blr=0.01, warmup_epochs=0.5, crop_scale=(1.0, 1.0), flip_p=0.0,
+                     mixup=0.0, cutmix=0.0, drop_path=0.0, precision="fp32", progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(strategy: str, tmp_path: Path) -> None:
+    """2-process gloo torchrun (DDP, or FSDP: the engine's strategies) ends where one process does:
+    the same weights up to float summation order, the same selection and metrics on every rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "finetune_torchrun.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=str(Path(__file__).parent)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           strategy, str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"two/metrics_rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every process returns rank 0's metrics
+    one = FineTune(**DATA_PARALLEL)(tiny_vit(), make_splits(n_train=256), checkpoint_dir=tmp_path / "one")
+    two = ranks[0]
+    a, b = load_ckpt(tmp_path / "two"), load_ckpt(tmp_path / "one")
+    assert (a["world_size"], b["world_size"], a["epoch"], b["epoch"]) == (2, 1, 2, 2)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-5, msg=k)
+    assert two["finetune/train_loss"] == pytest.approx(one["finetune/train_loss"], abs=1e-5)
+    assert two["finetune/best_epoch"] == one["finetune/best_epoch"]
+    for key in ("finetune/val_top1", "finetune/top1"):  # at most one borderline image may flip
+        assert two[key] == pytest.approx(one[key], abs=100 / 128 + 1e-9), key
+
+
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
