@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vfm.data.datasets import BadFileDataset
 from vfm.data.loader import build_train_loader
 from vfm.engine.checkpoint import load_model_state, resume_state, save_checkpoint
 from vfm.engine.device import PRECISIONS, autocast, channels_last_batch, select_device, to_device
@@ -342,9 +343,8 @@ class Trainer:
         }
         if epoch_done and run.evaluation.due(epoch + 1, self.max_epochs):
             summary.update(self._evaluate(run))
-        skipped = getattr(train_dataset, "num_skipped", None)  # corrupt inputs replaced (bad_files=skip)
-        if skipped is not None:
-            summary["skipped_files"] = int(skipped)
+        if isinstance(train_dataset, BadFileDataset):  # corrupt inputs replaced (bad_files=skip)
+            summary["skipped_files"] = int(train_dataset.num_skipped)
         run.history.append(summary)
         if run.strategy.is_main:
             run.log_epoch(summary, self.max_epochs)
