@@ -21,7 +21,7 @@ from vfm.engine.checkpoint import CheckpointError
 from vfm.engine.optim import set_optimizer_values
 from vfm.evaluators.finetune import BEST_NAME, CHECKPOINT_NAME, FineTune, FineTuneInterrupted
 from vfm.evaluators.protocols import TrainsEncoderEvaluator
-from vfm.methods.classifier import layer_decay_param_groups, set_drop_path
+from vfm.methods.classifier import set_drop_path
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "evaluator" / "finetune.yaml"
 # The full recipe (mixup + cutmix, drop path, layer decay 0.75, crops) on a from-scratch tiny ViT:
@@ -56,72 +56,8 @@ def state_copy(m: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer-wise lr decay groups
+# Layer-wise lr decay groups (the helper itself: tests/engine/test_optim.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def _by_name(groups: list[dict]) -> dict[str, dict]:
-    out = {}
-    for g in groups:
-        for n in g["param_names"]:
-            assert n not in out, f"{n} in two groups"
-            out[n] = g
-    return out
-
-
-@pytest.mark.parametrize("where", ["backbone", "timm", "classifier"])
-def test_layer_decay_lrs_and_weight_decay(where: str) -> None:
-    enc = tiny_vit()
-    model: nn.Module = {"backbone": enc, "timm": enc.model,
-                        "classifier": FineTune().build_model(enc, num_classes=4) if where == "classifier" else None}[where]
-    prefix = {"backbone": "model.", "timm": "", "classifier": "backbone.model."}[where]
-    groups = layer_decay_param_groups(model, base_lr=1.0, weight_decay=0.05, layer_decay=0.5)
-    g = _by_name(groups)
-    expected = {
-        "patch_embed.proj.weight": 0.5**4, "cls_token": 0.5**4, "pos_embed": 0.5**4,
-        "blocks.0.attn.qkv.weight": 0.5**3, "blocks.1.mlp.fc1.weight": 0.5**2, "blocks.2.norm1.weight": 0.5**1,
-        "norm.weight": 1.0,
-    }
-    for name, lr in expected.items():
-        assert g[prefix + name]["lr"] == pytest.approx(lr), name
-        assert g[prefix + name]["lr_scale"] == pytest.approx(lr), name
-    assert g[prefix + "blocks.0.attn.qkv.weight"]["layer_id"] == 1 and g[prefix + "norm.bias"]["layer_id"] == 4
-    # no weight decay: biases, norms, position embedding, [CLS]; decay: matrices
-    for name in ("cls_token", "pos_embed", "patch_embed.proj.bias", "blocks.1.attn.qkv.bias",
-                 "blocks.1.norm2.weight", "norm.weight", "norm.bias"):
-        assert g[prefix + name]["weight_decay"] == 0.0, name
-    for name in ("patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.2.mlp.fc2.weight"):
-        assert g[prefix + name]["weight_decay"] == 0.05, name
-    if where == "classifier":
-        assert g["head.weight"]["lr"] == 1.0 and g["head.weight"]["weight_decay"] == 0.05
-        assert g["head.bias"]["lr"] == 1.0 and g["head.bias"]["weight_decay"] == 0.0
-    # every trainable parameter in exactly one group, and the params match their names
-    named = dict(model.named_parameters())
-    seen = [id(p) for grp in groups for p in grp["params"]]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)
-    for grp in groups:
-        assert all(named[n] is p for n, p in zip(grp["param_names"], grp["params"], strict=True))
-        assert set(grp) >= {"params", "lr_scale", "lr", "weight_decay", "layer_id", "name"}
-    if where == "backbone":  # the Backbone's mask token sits outside the timm model: an embedding
-        enc.enable_mask_token()
-        g = _by_name(layer_decay_param_groups(enc, base_lr=1.0, weight_decay=0.05, layer_decay=0.5))
-        assert g["mask_token"]["layer_id"] == 0 and g["mask_token"]["weight_decay"] == 0.0
-
-
-def test_layer_decay_skips_frozen_and_resnet_falls_back() -> None:
-    enc = tiny_vit()
-    enc.use_fixed_sincos_pos_embed()  # frozen pos_embed: not handed to the optimizer
-    names = {n for g in layer_decay_param_groups(enc, base_lr=1.0, weight_decay=0.1, layer_decay=0.5)
-             for n in g["param_names"]}
-    assert "model.pos_embed" not in names and "model.cls_token" in names
-
-    resnet = Backbone("resnet18", in_chans=1)
-    groups = layer_decay_param_groups(resnet, base_lr=2.0, weight_decay=0.1, layer_decay=0.5)
-    assert [g["name"] for g in groups] == ["decay", "no_decay"]
-    assert all(g["lr_scale"] == 1.0 and g["lr"] == 2.0 for g in groups)
-    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert all(p.ndim > 1 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
-    assert sum(len(g["params"]) for g in groups) == len(list(resnet.parameters()))
 
 
 def test_classifier_param_groups_drive_the_engine_optimizer() -> None:
@@ -142,6 +78,12 @@ def test_classifier_param_groups_drive_the_engine_optimizer() -> None:
     assert wd["head.weight"] == wd[p + "blocks.1.attn.qkv.weight"] == 0.1
     assert wd["head.bias"] == wd[p + "pos_embed"] == wd[p + "cls_token"] == wd[p + "blocks.1.norm1.weight"] == 0.0
     assert sorted(id(q) for g in groups for q in g["params"]) == sorted(id(q) for q in model.parameters())
+
+    # full fine-tuning trains what pretraining froze (MAE's fixed sin-cos position embedding)
+    enc = tiny_vit()
+    enc.use_fixed_sincos_pos_embed()
+    names = {n for g in FineTune().build_model(enc, num_classes=4).param_groups() for n in g["param_names"]}
+    assert p + "pos_embed" in names and not enc.model.pos_embed.requires_grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,11 +32,9 @@ process alone (pretraining's rank-0 evaluation).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +47,13 @@ from vfm import distributed as vdist
 from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.data.loader import build_eval_loader
 from vfm.data.transforms import MultiCropAugmentation, normalize
-from vfm.engine.checkpoint import CheckpointError, find_resume_checkpoint
+from vfm.engine.checkpoint import find_resume_checkpoint
 from vfm.engine.device import PRECISIONS, autocast
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
+from vfm.evaluators.finetune_state import FORMAT, ValSelection, check_fingerprint, weights_digest
 from vfm.evaluators.metrics import topk_correct
 from vfm.evaluators.protocols import TrainsEncoderEvaluator
-from vfm.io import atomic_torch_save
 from vfm.methods.classifier import Classifier
 from vfm.rng import global_rng
 
@@ -67,7 +65,6 @@ log = logging.getLogger(__name__)
 # the weights selected on val so far.
 CHECKPOINT_NAME = "checkpoints/last.pt"
 BEST_NAME = "best.pt"
-_FORMAT = "vfm.finetune/2"
 _STRATEGIES = ("ddp", "fsdp")
 
 
@@ -119,85 +116,20 @@ def _train_and_val(splits: DataSplits, seed: int, hold_out: bool) -> tuple[Datas
     return train, len(labels), val
 
 
-def _weights_digest(module: nn.Module) -> str:
-    """SHA-1 of `module`'s state (names, dtypes, shapes, bytes): tells a checkpoint fine-tuned
-    from other weights of the same architecture (e.g. a longer pretraining run) from ours."""
-    h = hashlib.sha1()
-    for name, t in module.state_dict().items():
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _check_fingerprint(state: Any, fingerprint: dict[str, Any], path: Path) -> None:
-    """Refuse to resume from a file that is not ours or was written with other settings."""
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise CheckpointError(f"{path} is not a fine-tuning checkpoint ({_FORMAT}); delete it or use another "
-                              f"checkpoint_dir")
-    saved = state.get("fingerprint", {})
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {v!r} now" for k, v in fingerprint.items() if saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(
-            f"refusing to resume fine-tuning from {path}: it was written with other settings or another encoder "
-            f"({'; '.join(diffs)}). Delete {path.parent} to start over, or use another checkpoint_dir (run directory)"
-        )
-
-
-class _ValSelection:
-    """`Trainer.fit`'s `evaluate_fn` (rank 0, after every epoch): val top-1, and with `select` a
-    strict improvement (the earliest of tied epochs: deterministic) saves the weights to `path`
-    with the fingerprint, so that a resumed run keeps the selection."""
-
-    def __init__(self, score: Callable[[], float], model: nn.Module, path: Path, fingerprint: dict[str, Any],
-                 select: bool) -> None:
-        self.score, self.model, self.path, self.fingerprint, self.select = score, model, path, fingerprint, select
-        self.best_top1, self.best_epoch = -math.inf, 0
-
-    def restore(self, resumed: bool) -> None:
-        """Resumed: the selection so far. Starting over: a `best.pt` of an attempt that wrote no
-        checkpoint is stale. (One newer than the checkpoint, written just before a crash, is kept:
-        the replayed epochs reach it again and, not strictly better, keep it.)"""
-        if not self.path.is_file():
-            return
-        if not resumed:
-            self.path.unlink()
-            return
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
-        _check_fingerprint(state, self.fingerprint, self.path)
-        self.best_top1, self.best_epoch = float(state["top1"]), int(state["epoch"])
-
-    def __call__(self, encoder: nn.Module, epoch: int) -> dict[str, float]:
-        top1 = self.score()
-        if self.select and top1 > self.best_top1:
-            self.best_top1, self.best_epoch = top1, epoch
-            atomic_torch_save({"format": _FORMAT, "fingerprint": self.fingerprint, "epoch": epoch, "top1": top1,
-                               "model": self.model.state_dict()}, self.path)
-        return {"finetune/val_top1": top1}
-
-    def load_best(self) -> int:
-        """Put the selected weights into the model; their epoch (0 when nothing was selected)."""
-        if self.select and self.best_epoch > 0:
-            self.model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=False)["model"])
-            return self.best_epoch
-        return 0
-
-
-def _check_args(epochs: int, batch_size: int, blr: float, min_lr: float, warmup_epochs: float, layer_decay: float,
-                drop_path: float, label_smoothing: float, mixup: float, cutmix: float, precision: str,
-                select_on: str, stop_after_epoch: int | None, strategy: str) -> None:
+def _check_args(ft: FineTune) -> None:
     checks = [
-        (epochs >= 1, f"epochs must be >= 1, got {epochs}"),
-        (batch_size >= 2, f"batch_size must be >= 2, got {batch_size}"),
-        (blr > 0 and min_lr >= 0, f"blr must be > 0 and min_lr >= 0, got {blr}, {min_lr}"),
-        (warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {warmup_epochs}"),
-        (0 < layer_decay <= 1, f"layer_decay must be in (0, 1], got {layer_decay}"),
-        (0 <= drop_path < 1, f"drop_path must be in [0, 1), got {drop_path}"),
-        (0 <= label_smoothing < 1, f"label_smoothing must be in [0, 1), got {label_smoothing}"),
-        (mixup >= 0 and cutmix >= 0, f"mixup / cutmix must be >= 0, got {mixup}, {cutmix}"),
-        (precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {precision!r}"),
-        (select_on in ("val", "last"), f"select_on must be 'val' or 'last', got {select_on!r}"),
-        (stop_after_epoch is None or stop_after_epoch >= 1, f"stop_after_epoch must be >= 1 or None, got {stop_after_epoch}"),
-        (strategy in _STRATEGIES, f"strategy must be one of {list(_STRATEGIES)}, got {strategy!r}"),
+        (ft.epochs >= 1, f"epochs must be >= 1, got {ft.epochs}"),
+        (ft.batch_size >= 2, f"batch_size must be >= 2, got {ft.batch_size}"),
+        (ft.blr > 0 and ft.min_lr >= 0, f"blr must be > 0 and min_lr >= 0, got {ft.blr}, {ft.min_lr}"),
+        (ft.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {ft.warmup_epochs}"),
+        (0 < ft.layer_decay <= 1, f"layer_decay must be in (0, 1], got {ft.layer_decay}"),
+        (0 <= ft.drop_path < 1, f"drop_path must be in [0, 1), got {ft.drop_path}"),
+        (0 <= ft.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {ft.label_smoothing}"),
+        (ft.mixup >= 0 and ft.cutmix >= 0, f"mixup / cutmix must be >= 0, got {ft.mixup}, {ft.cutmix}"),
+        (ft.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {ft.precision!r}"),
+        (ft.select_on in ("val", "last"), f"select_on must be 'val' or 'last', got {ft.select_on!r}"),
+        (ft.stop_after_epoch is None or ft.stop_after_epoch >= 1, f"stop_after_epoch must be >= 1 or None, got {ft.stop_after_epoch}"),
+        (ft.strategy in _STRATEGIES, f"strategy must be one of {list(_STRATEGIES)}, got {ft.strategy!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -258,19 +190,16 @@ class FineTune(TrainsEncoderEvaluator):
         stop_after_epoch: int | None = None,
         strategy: str = "ddp",
     ) -> None:
-        _check_args(epochs, batch_size, blr, min_lr, warmup_epochs, layer_decay, drop_path, label_smoothing, mixup,
-                    cutmix, precision, select_on, stop_after_epoch, strategy)
         self.epochs, self.batch_size = int(epochs), int(batch_size)
         self.blr, self.min_lr, self.warmup_epochs = float(blr), float(min_lr), float(warmup_epochs)
         self.weight_decay, self.layer_decay, self.drop_path = float(weight_decay), float(layer_decay), float(drop_path)
-        self.label_smoothing = float(label_smoothing)
-        self.mixup, self.cutmix = float(mixup), float(cutmix)
+        self.label_smoothing, self.mixup, self.cutmix = float(label_smoothing), float(mixup), float(cutmix)
         self.mixup_prob, self.mixup_switch_prob = float(mixup_prob), float(mixup_switch_prob)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))  # Hydra passes a ListConfig
         self.flip_p, self.seed, self.precision = float(flip_p), int(seed), precision
-        self.device, self.progress, self.select_on = device, progress, select_on
+        self.device, self.progress, self.select_on, self.strategy = device, progress, select_on, strategy
         self.stop_after_epoch = None if stop_after_epoch is None else int(stop_after_epoch)
-        self.strategy = strategy
+        _check_args(self)
 
     # ------------------------------------------------------------------ what trains, and how
     def build_model(self, encoder: nn.Module, num_classes: int) -> Classifier:
@@ -312,7 +241,7 @@ class FineTune(TrainsEncoderEvaluator):
             "crop_scale": list(self.crop_scale), "flip_p": self.flip_p, "seed": self.seed,
             "precision": self.precision, "select_on": self.select_on,
             "encoder_params": sum(p.numel() for p in encoder.parameters()),
-            "encoder_digest": _weights_digest(encoder), **extra,
+            "encoder_digest": weights_digest(encoder), **extra,
         }
 
     def _global_batch(self, n: int, world: int) -> int:
@@ -374,13 +303,10 @@ class FineTune(TrainsEncoderEvaluator):
         (mean over the last epoch) and, with a test split, `finetune/top1` (+ `finetune/top5` when
         `num_classes >= 5`, as the linear probe) of the selected weights.
 
-        `checkpoint_dir`: the run directory of the training (`checkpoints/last.pt`, `best.pt`);
-        an existing one is resumed (see the module docstring), a temporary one is used without it.
-        Under DDP it must be on a file system every process sees.
-
-        `distributed`: with an initialised process group, every process must make this call and
-        they train together. `False` trains in this process alone, for callers that evaluate on
-        one rank only (pretraining's rank-0 evaluation)."""
+        `checkpoint_dir`: the run directory (`checkpoints/last.pt`, `best.pt`), resumed when it
+        holds a checkpoint; a temporary one without it. Under DDP, on a file system all processes see.
+        `distributed`: under torchrun every process makes the call and they train together;
+        `False` trains in this process alone (pretraining's rank-0 evaluation)."""
         dev = torch.device(device if device is not None else self.device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -408,7 +334,7 @@ class FineTune(TrainsEncoderEvaluator):
                                         val_samples=0 if val_ds is None else len(val_ds))  # type: ignore[arg-type]
         resumed = self._resumable(run_dir, fingerprint)
         model = self.build_model(encoder, int(splits.num_classes))
-        selection = _ValSelection(lambda: self._evaluate(model, val_ds, splits, dev, desc="finetune/val")[0],
+        selection = ValSelection(lambda: self._evaluate(model, val_ds, splits, dev, desc="finetune/val")[0],
                                   model, run_dir / BEST_NAME, fingerprint, select=self.select_on == "val")
         if is_main:
             selection.restore(resumed)
@@ -420,7 +346,7 @@ class FineTune(TrainsEncoderEvaluator):
         result = trainer.fit(
             model, train_ds, model.build_collate(self.augmentation(splits)), optim=self.optim_spec(), schedules={},
             run_dir=run_dir, evaluate_fn=selection if val_ds is not None else None, eval_every_n_epochs=1,
-            eval_last_epoch=True, extra_state={"format": _FORMAT, "fingerprint": fingerprint, "world_size": world},
+            eval_last_epoch=True, extra_state={"format": FORMAT, "fingerprint": fingerprint, "world_size": world},
         )
         assert result["steps_per_epoch"] == steps_per_epoch, (result["steps_per_epoch"], steps_per_epoch)
         if not result["finished"]:
@@ -428,8 +354,9 @@ class FineTune(TrainsEncoderEvaluator):
             raise FineTuneInterrupted(result["step"] // steps_per_epoch, self.epochs, self.stop_after_epoch,
                                       run_dir / CHECKPOINT_NAME)
         # the engine's epoch loss is this process's mean: averaged over the processes' equal shares
-        train_loss = float(vdist.all_reduce_mean(torch.tensor(result["history"][-1]["loss"], device=dev))) \
-            if world > 1 else float(result["history"][-1]["loss"])
+        # (a run found finished reads rank 0's share from the checkpoint's history)
+        train_loss = torch.tensor(result["history"][-1]["loss"], device=dev)
+        train_loss = float(vdist.all_reduce_mean(train_loss) if world > 1 else train_loss)
         metrics = self._test(model, selection, result["history"], splits, dev) if is_main else {}
         if world > 1:
             vdist.wait_for_main()  # rank 0 tested alone, however long it took
@@ -451,12 +378,12 @@ class FineTune(TrainsEncoderEvaluator):
         if found is None:
             return False
         path, state = found
-        _check_fingerprint(state, fingerprint, path)
+        check_fingerprint(state, fingerprint, path)
         world = f" (written by {state['world_size']} process(es))" if state.get("world_size", 1) > 1 else ""
         log.info("finetune: resuming from %s after epoch %d/%d%s", path, state["epoch"], self.epochs, world)
         return True
 
-    def _test(self, model: Classifier, selection: _ValSelection, history: list[dict[str, Any]], splits: DataSplits,
+    def _test(self, model: Classifier, selection: ValSelection, history: list[dict[str, Any]], splits: DataSplits,
               dev: torch.device) -> dict[str, float]:
         """The selected weights (or the last), their val top-1 and, once, their test accuracy."""
         best_epoch = selection.load_best() or self.epochs
