@@ -271,12 +271,12 @@ def _method_name(cfg: DictConfig) -> str:
 
 
 def visualize(
-    encoder: torch.nn.Module, splits: Any, run_dir: Path, logger: Any, epoch: int, n: int = 8,
-    method: torch.nn.Module | None = None, masking: Any = None,
+    encoder: Backbone, splits: DataSplits, run_dir: Path, logger: Any, epoch: int, n: int = 8,
+    method: Method | None = None, masking: Callable[..., torch.Tensor] | None = None,
 ) -> None:
-    """Attention maps and patch PCA of the first validation images, and reconstructions for
-    methods that reconstruct (MAE): PNGs in <run>/viz and TensorBoard images (ViT encoders only;
-    a no-op for CNNs)."""
+    """Attention maps and patch PCA of the first `n` validation images, and what the method
+    draws itself (`Method.visualizations`: MAE's reconstructions): PNGs in <run>/viz and
+    TensorBoard images (ViT encoders only; a no-op for CNNs)."""
     if not encoder.has_patch_tokens:
         return
     from vfm.viz import render_figures, save_png
@@ -290,13 +290,13 @@ def visualize(
         logger.log_image(f"viz/{name}", grid, epoch)
 
 
-def _first_val_images(splits: Any, n: int) -> torch.Tensor:
+def _first_val_images(splits: DataSplits, n: int) -> torch.Tensor:
     """uint8 [n, C, H, W]: the first n validation images (training images without a val split)."""
     ds = splits.val if splits.val is not None else splits.train
     return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
 
 
-def _method_report(method: Method, splits: Any) -> dict[str, float]:
+def _method_report(method: Method, splits: DataSplits) -> dict[str, float]:
     """`method.report` on the first `method.report_images` validation images (none for most methods)."""
     from vfm.data.transforms import normalize
 

@@ -124,6 +124,15 @@ class Method(nn.Module):
         ]
 
 
+def linear_head(in_dim: int, out_dim: int) -> nn.Linear:
+    """A linear prediction head initialised as in BEiT / DeiT / EVA: weights from a truncated
+    normal with std 0.02, zero bias."""
+    head = nn.Linear(in_dim, out_dim)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 def make_ema_teacher(student: nn.Module) -> nn.Module:
     """An exact copy of `student` that gradients never reach, without stochastic depth (the
     official DINO/iBOT/DINOv2 teachers are built with drop_path_rate=0)."""

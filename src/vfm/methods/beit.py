@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vfm.data.batch import Batch
 from vfm.heads.tokenizer import load_tokenizer
 from vfm.losses.mim_losses import masked_token_cross_entropy
-from vfm.methods.base import Method
+from vfm.methods.base import Method, linear_head
 
 
 class BEiT(Method):
@@ -45,9 +45,7 @@ class BEiT(Method):
         if tok_patch != self.patch_size:
             raise ValueError(f"tokenizer {tokenizer} has {tok_patch} px patches but the student has {self.patch_size}: "
                              f"the code grid must equal the patch grid; set backbone.patch_size={tok_patch}")
-        self.head = nn.Linear(backbone.embed_dim, int(self.tokenizer.num_codes))
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(backbone.embed_dim, int(self.tokenizer.num_codes))
 
     @property
     def encoder(self) -> nn.Module:

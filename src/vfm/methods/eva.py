@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vfm.backbones.loading import load_pretrained_encoder
 from vfm.data.batch import Batch
 from vfm.losses.mim_losses import negative_cosine
-from vfm.methods.base import Method
+from vfm.methods.base import Method, linear_head
 
 
 class EVA(Method):
@@ -54,9 +54,7 @@ class EVA(Method):
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         # EVA-01's regression head: one linear layer after the student's final norm
-        self.head = nn.Linear(backbone.embed_dim, self.teacher.embed_dim)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(backbone.embed_dim, self.teacher.embed_dim)
 
     @property
     def encoder(self) -> nn.Module:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vfm.data.batch import Batch
 from vfm.data.collate import SupervisedCollate
-from vfm.methods.base import Method
+from vfm.methods.base import Method, linear_head
 
 
 class Supervised(Method):
@@ -48,9 +48,7 @@ class Supervised(Method):
         if num_classes < 2:
             raise ValueError(f"supervised pretraining needs labels: dataset.num_classes={num_classes}")
         self.backbone = backbone
-        self.head = nn.Linear(int(backbone.embed_dim), num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = linear_head(int(backbone.embed_dim), num_classes)
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.mixup, self.cutmix, self.mixup_prob, self.mixup_switch_prob = mixup, cutmix, mixup_prob, mixup_switch_prob
         self.randaugment = randaugment or None
