@@ -274,10 +274,10 @@ class FineTune(TrainsEncoderEvaluator):
         for images, labels in tqdm(build_eval_loader(dataset, batch_size=self.batch_size), desc=desc,
                                    disable=not self.progress, leave=False):
             keep = labels >= 0  # unlabelled samples (-1) cannot be scored
+            if not bool(keep.any()):
+                continue
             x = normalize(images[keep].to(device), splits.mean, splits.std, crop_size=splits.img_size)
             y = labels[keep].to(device)
-            if len(y) == 0:
-                continue
             with autocast(self.precision, device):
                 logits = model.logits(x).float()
             correct1 += int(topk_correct(logits, y, 1).sum())
