@@ -51,7 +51,6 @@ class ZeroShot(ImageTextEvaluator):
             `zero_shot/subset_only_top1` among these classes alone.
     """
 
-    needs_text_model = True
 
     def __init__(self, templates: list[str] | None = None, classes: list[int] | None = None) -> None:
         self.templates = list(templates) if templates else list(ZERO_SHOT_TEMPLATES)

@@ -42,8 +42,3 @@ __all__ = [
     "synthetic_captions",
     "webdataset",
 ]
-
-# What config validation asks of a dataset builder before any data is read
-# (vfm.config.dataset_yields_captions): these yield (image, caption, label), what CLIP trains on.
-for _builder in (captioned, synthetic_captions, image_text_csv, webdataset):
-    _builder.yields_captions = True  # type: ignore[attr-defined]

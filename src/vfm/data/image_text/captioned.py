@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from vfm.data.datasets import DataSplits, benchmark, synthetic
+from vfm.data.image_text.checks import yields_captions
 from vfm.data.prompts import CAPTION_TEMPLATES, FASHION_MNIST_CLASS_NAMES_NATURAL
 
 __all__ = ["CaptionedDataset", "captioned", "synthetic_captions"]
@@ -134,6 +135,7 @@ class CaptionedDataset(Dataset):
         return f"CaptionedDataset(n={len(self)}, classes={len(self.class_names)}, templates={len(self.templates)})"
 
 
+@yields_captions
 def captioned(
     *,
     variant: str = "fashion_mnist",
@@ -167,6 +169,7 @@ def captioned(
     return dataclasses.replace(splits, train=train, class_names=names)
 
 
+@yields_captions
 def synthetic_captions(*, class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                        **synthetic_kwargs: Any) -> DataSplits:
     """`vfm.data.datasets.synthetic` with template captions on its training split (tests, smoke runs)."""

@@ -7,11 +7,22 @@ Images that fail to decode when read are the business of the one bad-file policy
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-__all__ = ["N_EXAMPLES", "check_bad_count", "check_common"]
+__all__ = ["N_EXAMPLES", "check_bad_count", "check_common", "yields_captions"]
 
 log = logging.getLogger("vfm.data")
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def yields_captions(builder: _F) -> _F:
+    """Mark a dataset builder whose splits yield `(image, caption, label)`, what CLIP trains on;
+    config validation reads the mark before any data is read (`vfm.config.dataset_yields_captions`)."""
+    builder.yields_captions = True  # type: ignore[attr-defined]
+    return builder
+
 
 # How many offending rows/files an error or warning message lists.
 N_EXAMPLES = 5

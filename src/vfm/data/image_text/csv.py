@@ -10,7 +10,7 @@ from pathlib import Path
 from torch import Tensor
 
 from vfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, BadFileDataset, DataSplits, load_image, norm_stats
-from vfm.data.image_text.checks import check_bad_count, check_common
+from vfm.data.image_text.checks import check_bad_count, check_common, yields_captions
 
 __all__ = ["ImageTextCSV", "image_text_csv"]
 
@@ -106,6 +106,7 @@ class ImageTextCSV(BadFileDataset):
         return f"ImageTextCSV({self.path}, n={len(self)}, img_size={self.img_size}, in_chans={self.in_chans})"
 
 
+@yields_captions
 def image_text_csv(
     train_csv: str,
     val_csv: str | None = None,

@@ -48,7 +48,7 @@ from vfm.data.datasets import (
     load_image,
     norm_stats,
 )
-from vfm.data.image_text.checks import N_EXAMPLES, check_bad_count, check_common, log
+from vfm.data.image_text.checks import N_EXAMPLES, check_bad_count, check_common, log, yields_captions
 from vfm.io import atomic_write_text
 
 __all__ = ["IMAGE_EXTS", "WebDatasetShards", "expand_urls", "webdataset"]
@@ -325,6 +325,7 @@ class WebDatasetShards(BadFileDataset):
 
 
 
+@yields_captions
 def webdataset(
     urls: str | Sequence[str],
     *,
