@@ -42,7 +42,7 @@ test: $(STAMP) ## run the test suite (CPU, synthetic data)
 test-fast: $(STAMP) ## the tests without the slow (multi-process) ones
 	$(BIN)/pytest -m "not slow"
 
-bench: $(STAMP) ## throughput, MFU, ablations, lightly side by side (3-4 min on 2 cores; outputs/bench)
+bench: $(STAMP) ## throughput, MFU, ablations, lightly side by side and end to end (5-6 min on 2 cores; outputs/bench)
 	$(BIN)/python scripts/bench
 
 test-faults: $(STAMP) ## only the fault tests (kill -9, torn files, NaN on one rank, hangs, sweeps); part of `make test`

@@ -510,6 +510,19 @@ def _time_step(fn: Callable[[], float], device: torch.device) -> tuple[float, fl
     return time.perf_counter() - t0, loss
 
 
+def sides_for_cfg(method: str, cfg: Any, batch: int, *, precision: str = "bf16",
+                  device: str = "cpu") -> tuple[VfmSide, LightlySide]:
+    """(ours, theirs) for any vfm config of `method` ("dino" or "mae"): vfm's method built from it,
+    lightly's modules with its weights, both with the scheduled values of the second epoch."""
+    _require_lightly()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    dev = torch.device(device)
+    ours = VfmSide(cfg, dev, precision, sched={})
+    ours.sched = _schedule_values(cfg, ours, batch)
+    return ours, LightlySide(method, ours, cfg, dev, precision, ours.sched)
+
+
 def build_sides(method: str, *, setting: str = "recipe", batch: int | None = None, precision: str = "bf16",
                 device: str = "cpu", n_local: int | None = None, attention: str = "default"):
     """(cfg, batch, ours, theirs, ours_batch, theirs_batch): both sides ready to step."""
@@ -522,9 +535,7 @@ def build_sides(method: str, *, setting: str = "recipe", batch: int | None = Non
     cfg = compose_cfg(method, setting, extra)
     batch = int(batch or DEFAULT_BATCH.get(setting, cfg.trainer.batch_size))
     dev = torch.device(device)
-    ours = VfmSide(cfg, dev, precision, sched={})
-    ours.sched = _schedule_values(cfg, ours, batch)
-    theirs = LightlySide(method, ours, cfg, dev, precision, ours.sched)
+    ours, theirs = sides_for_cfg(method, cfg, batch, precision=precision, device=device)
     encoder = ours.method.encoder
     encoder._select_attention(dev)  # what vfm's backbone picks on this device (attn_impl)
     if attention == "same":

@@ -5,6 +5,7 @@
     python scripts/bench throughput --backbone vit_base --img 224 --batch dino=4,mae=16
     python scripts/bench peak throughput --device cuda --backbone vit_base --img 224 \\
         --batch dino=64,mae=256 --compile                     # scripts/gpu_check.sh
+    python scripts/bench e2e_lightly                          # end to end vs lightly, DINO and MAE
     python scripts/bench --quick                              # tiny sizes (tests/scripts/test_bench.py)
 
 Prints one Markdown table per section and writes `<out>/bench-<device>[-<tag>].json` and `.md`
@@ -37,13 +38,13 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench import ablation, augment, e2e, mae, peak, throughput, vs_lightly  # noqa: E402
+from bench import ablation, augment, e2e, e2e_lightly, mae, peak, throughput, vs_lightly  # noqa: E402
 from bench.common import PRECISIONS, RECIPE_METHODS, Context, device_name  # noqa: E402
 
 SECTIONS = {"peak": (peak, peak.section_peak), "throughput": (throughput, throughput.section_throughput),
             "e2e": (e2e, e2e.section_e2e), "augment": (augment, augment.section_augment),
             "ablation": (ablation, ablation.section_ablation), "lightly": (vs_lightly, vs_lightly.section_lightly),
-            "mae": (mae, mae.section_mae)}
+            "e2e_lightly": (e2e_lightly, e2e_lightly.section_e2e_lightly), "mae": (mae, mae.section_mae)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

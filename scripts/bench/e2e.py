@@ -22,7 +22,8 @@ SETTINGS = ((0, False), (2, False), (2, True))  # (num_workers, augment_on_devic
 def section_e2e(ctx: Context) -> dict[str, Any]:
     """Trainer.fit of the DINO recipe on decoded images, num_workers 0 and 2."""
     base, splits, dataset_note = _dataset(ctx)
-    rows = [_fit(ctx, base, splits, workers, on_device) | {"dataset": dataset_note} for workers, on_device in SETTINGS]
+    rows = [trainer_rate(ctx, base, splits, workers, on_device) | {"dataset": dataset_note}
+            for workers, on_device in SETTINGS]
     thr = _throughput_row(ctx, rows[0]["batch"])
     md = table(f"### End to end: `Trainer.fit`, DINO recipe, {dataset_note}, batch {rows[0]['batch']}, "
                f"{ctx.args.precision}",
@@ -59,9 +60,11 @@ def _dataset(ctx: Context) -> tuple[list[str], Any, str]:
         return base, instantiate(compose_cfg(base).dataset), "synthetic (Fashion-MNIST not found)"
 
 
-def _fit(ctx: Context, base: list[str], splits: Any, workers: int, on_device: bool) -> dict[str, Any]:
-    """One short `Trainer.fit`; its steady images/s is the harmonic mean of the logged intervals
-    after the first (equal intervals), which holds the workers' start-up."""
+def trainer_rate(ctx: Context, base: list[str], splits: Any, workers: int, on_device: bool,
+                 label: str = "e2e") -> dict[str, Any]:
+    """One short `Trainer.fit` of the config `base` composes on `splits.train`; its steady images/s
+    is the harmonic mean of the logged intervals after the first (equal intervals, so: their images
+    over their time), the first holding the workers' start-up."""
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
@@ -92,7 +95,7 @@ def _fit(ctx: Context, base: list[str], splits: Any, workers: int, on_device: bo
     steady = rec.ips[1:] or rec.ips
     steady_ips = len(steady) / sum(1.0 / x for x in steady)
     hist = res["history"][-1]["images_per_s"] if res["history"] else float("nan")
-    print(f"e2e num_workers={workers} augment_on_device={on_device}: {steady_ips:.1f} img/s (steady), "
+    print(f"{label} num_workers={workers} augment_on_device={on_device}: {steady_ips:.1f} img/s (steady), "
           f"{hist:.1f} incl. start-up", flush=True)
     del method, trainer
     release(ctx.device)

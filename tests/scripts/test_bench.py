@@ -3,8 +3,11 @@ counting behind MFU counts a real forward + backward (also through PyTorch's CPU
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,6 +102,48 @@ def test_quick_augment_section_moves_fewer_bytes_deferred(bench, tmp_path, one_t
     assert deferred["transfer_mib"] < plain["transfer_mib"] / 4
 
 
+def test_quick_e2e_lightly_section(bench, tmp_path, one_thread):
+    """lightly's transforms + DataLoader + step against vfm's Trainer on the same JPEG files: a table
+    with both rates and their ratio for DINO and MAE, and the machine it ran on."""
+    pytest.importorskip("lightly")
+    report = bench.__main__.main(["e2e_lightly", "--quick", "--device", "cpu", "--out", str(tmp_path), "--strict"])
+    section = report["sections"]["e2e_lightly"]
+    rows = {r["method"]: r for r in section["rows"]}
+    assert set(rows) == {"dino", "mae"}
+    for r in rows.values():
+        assert r["lightly_img_s"] > 0 and r["vfm_img_s"] > 0
+        assert r["ratio"] == pytest.approx(r["vfm_img_s"] / r["lightly_img_s"]) and r["ratio"] > 0
+        assert r["batch"] == 16 and r["num_workers"] == min(2, os.cpu_count() or 1)
+        assert r["timed_steps"] >= 1 and r["warmup_steps"] >= 1
+    assert rows["dino"]["views"] == "2x28 + 2x14" and rows["mae"]["views"] == "1x28"
+    md = section["markdown"]
+    assert "| method | model, crops | batch | lightly img/s | vfm img/s | vfm / lightly |" in md
+    for method in ("dino", "mae"):
+        assert f"| {method} |" in md
+    machine = next(line for line in md.splitlines() if line.startswith("machine: "))
+    assert f"torch {torch.__version__}" in machine and "AMX" in machine and "thread(s)" in machine
+    # the JPEG folder both sides read is written once and reused
+    folder = tmp_path / "e2e-lightly-28px"
+    assert len(list((folder / "train").rglob("*.jpg"))) >= 16 * (1 + rows["dino"]["timed_steps"])
+    stamp = (folder / "done.json").stat().st_mtime_ns
+    assert bench.e2e_lightly.write_image_folder(folder, 16, 28) == folder
+    assert (folder / "done.json").stat().st_mtime_ns == stamp
+
+
+def test_e2e_lightly_steps_are_whole_log_intervals(bench):
+    steps_of = bench.e2e_lightly.steps_of
+    assert steps_of(argparse.Namespace(warmup=2, steps=5)) == (2, 6)
+    assert steps_of(argparse.Namespace(warmup=1, steps=2)) == (1, 2)
+    assert steps_of(argparse.Namespace(warmup=0, steps=3)) == (1, 3)
+
+
+def test_e2e_lightly_without_lightly(bench, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightly", None)  # `import lightly` raises ImportError
+    report = bench.__main__.main(["e2e_lightly", "--quick", "--device", "cpu", "--out", str(tmp_path)])
+    section = report["sections"]["e2e_lightly"]
+    assert section["rows"] == [] and "skipped: pip install 'vfm[bench]' (lightly)" in section["markdown"]
+
+
 def test_runs_as_a_folder_and_documents_every_section(bench, monkeypatch, capsys):
     """`python scripts/bench` runs the package's __main__ (runpy.run_path is what it does); --help
     describes each section from its module."""
@@ -109,5 +154,5 @@ def test_runs_as_a_folder_and_documents_every_section(bench, monkeypatch, capsys
         runpy.run_path(str(SCRIPTS / "bench"), run_name="__main__")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for section in ("peak", "throughput", "e2e", "augment", "ablation", "lightly", "mae"):
+    for section in ("peak", "throughput", "e2e", "augment", "ablation", "lightly", "e2e_lightly", "mae"):
         assert f"* `{section}`:" in out
