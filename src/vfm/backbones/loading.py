@@ -8,6 +8,8 @@ Accepted, in order of preference:
 - any other timm-loadable weight file (`.safetensors`, `.pt`, `.pth`, `.bin`) together with the
   timm model name (`model_name=`), converted by timm's own checkpoint filter — e.g. an open_clip or
   OpenAI CLIP image tower for `vit_base_patch16_clip_224`.
+
+`.pt`-style files are read by `vfm.io.load_torch`: weights only, never code from the file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 
 from vfm.backbones.timm_backbone import Backbone, exported_metadata
+from vfm.io import UnreadableFileError, load_torch
 
 
 class EncoderLoadError(ValueError):
@@ -44,9 +47,9 @@ def load_pretrained_encoder(
 
         return _from_foreign_state(load_file(str(path)), path, model_name, model_kwargs)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise EncoderLoadError(f"cannot read {path}: {e}") from e
+        state = load_torch(path)  # a file that would run code: UntrustedFileError, a config error
+    except UnreadableFileError as e:
+        raise EncoderLoadError(str(e)) from e
     if isinstance(state, dict) and "config" in state and "encoder_prefix" in state:
         node = dict(state["config"]["backbone"])
         node.pop("_target_", None)

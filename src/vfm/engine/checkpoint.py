@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vfm.io import atomic_write
+from vfm.io import UnreadableFileError, atomic_write, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,19 @@ REQUIRED_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "rng")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state saved at `path`, read by `vfm.io.load_torch` (weights and plain types only).
+
+    A file that is damaged or not a checkpoint raises `CheckpointError` (resume skips it for an
+    older one); one that would run code raises `vfm.io.UntrustedFileError`, a config error that
+    is never skipped: someone put it there, and the user decides (`VFM_TRUST_CHECKPOINTS=1`).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check trainer.resume / checkpoint=")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a foreign or damaged file: name it
-        raise CheckpointError(f"could not read checkpoint {path}: {e}") from e
-    return state
+        return load_torch(path, map_location=map_location)
+    except UnreadableFileError as e:  # a foreign or damaged file
+        raise CheckpointError(str(e)) from e
 
 
 def find_resume_checkpoint(directory: str | Path) -> tuple[Path, dict[str, Any]] | None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from vfm.engine.checkpoint import CheckpointError
-from vfm.io import atomic_torch_save
+from vfm.io import UnreadableFileError, atomic_torch_save, load_torch
 
 __all__ = ["FORMAT", "ValSelection", "check_fingerprint", "weights_digest"]
 
@@ -70,7 +70,10 @@ class ValSelection:
         if not resumed:
             self.path.unlink()
             return
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            state = load_torch(self.path)
+        except UnreadableFileError as e:  # damaged: one line naming it, as for the engine's checkpoint
+            raise CheckpointError(f"{e}; delete {self.path.parent} to start fine-tuning over") from e
         check_fingerprint(state, self.fingerprint, self.path)
         self.best_top1, self.best_epoch = float(state["top1"]), int(state["epoch"])
 
@@ -85,6 +88,6 @@ class ValSelection:
     def load_best(self) -> int:
         """Put the selected weights into the model; their epoch (0 when nothing was selected)."""
         if self.select and self.best_epoch > 0:
-            self.model.load_state_dict(torch.load(self.path, map_location="cpu", weights_only=False)["model"])
+            self.model.load_state_dict(load_torch(self.path)["model"])
             return self.best_epoch
         return 0

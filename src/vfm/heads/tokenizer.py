@@ -8,7 +8,8 @@ self-describing file (`tokenizer.pt`) that `load_tokenizer` rebuilds.
 
 `load_tokenizer` also accepts a pickled image-to-code-logits module, the format of DALL-E's dVAE
 encoder (`encoder.pkl` of openai/DALL-E, which BEiT v1 used; unpickling it needs the `dall_e`
-package). DALL-E expects pixels in [0, 1] mapped to [0.1, 0.9] and a grid of H/8 x W/8.
+package, and, since a pickled module is code, `VFM_TRUST_CHECKPOINTS=1`: files are read by
+`vfm.io.load_torch`). DALL-E expects pixels in [0, 1] mapped to [0.1, 0.9] and a grid of H/8 x W/8.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from vfm.backbones.timm_backbone import Backbone
 from vfm.heads.vector_quantizer import VectorQuantizer
+from vfm.io import load_torch
 
 _FORMAT = "vfm-tokenizer-v1"
 
@@ -124,14 +126,14 @@ def load_tokenizer(path: str | Path, *, mean: Sequence[float] | None = None, std
         raise FileNotFoundError(f"tokenizer {path} does not exist; train one with `pretrain method=vq_tokenizer` "
                                 "(or method=vqkd) and pass its run directory or tokenizer.pt")
     if path.suffix == ".pkl":
-        module = torch.load(path, map_location="cpu", weights_only=False)
+        module = load_torch(path)
         if mean is None or std is None or patch_size is None:
             raise ValueError("a pickled dVAE tokenizer needs the data's mean/std and the student's patch size")
         num_codes = int(getattr(module, "vocab_size", 8192))
         tok: nn.Module = PickledCodeModel(module, mean=mean, std=std, patch_size=patch_size)
         tok.num_codes = num_codes
     else:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+        blob = load_torch(path)
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
             raise ValueError(f"{path} is not a tokenizer written by `pretrain method=vq_tokenizer` (format {_FORMAT})")
         backbone = Backbone.from_create_kwargs(blob["backbone"]["name"], blob["backbone"]["kwargs"])
