@@ -30,9 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vfm import distributed as vdist
 from vfm.backbones.loading import EncoderLoadError, load_pretrained_encoder
-from vfm.backbones.timm_backbone import exported_metadata
 from vfm.config import CONF_DIR, ConfigError, applied_configs, register_resolvers, run_or_exit, validate_evaluate
-from vfm.engine.checkpoint import CheckpointError
+from vfm.engine.checkpoint import CheckpointError, load_checkpoint
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
 from vfm.evaluators.protocols import ImageTextEvaluator
@@ -53,16 +52,15 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
     if not path.exists():
         raise ConfigError(f"checkpoint={checkpoint} does not exist; pass a last.pt, a .safetensors file, a run directory or 'random'")
     key = f"{path.resolve()}-{path.stat().st_mtime_ns}"
-    foreign = path.suffix == ".safetensors" and exported_metadata(path) is None
+    # a file that carries no architecture (a timm / third-party state dict, .safetensors or .pt)
+    # is read as backbone=; our checkpoints and exports carry their own, which wins
+    bb = OmegaConf.to_container(backbone_cfg, resolve=True)
+    name, kwargs = bb.pop("name"), bb.pop("model_kwargs", None) or {}
+    kwargs.update({k: bb[k] for k in ("img_size", "patch_size", "in_chans") if bb.get(k) is not None})
     try:
-        if foreign:  # a timm weight file: the architecture comes from backbone=
-            bb = OmegaConf.to_container(backbone_cfg, resolve=True)
-            name, kwargs = bb.pop("name"), bb.pop("model_kwargs", None) or {}
-            kwargs.update({k: bb[k] for k in ("img_size", "patch_size", "in_chans") if bb.get(k) is not None})
-            return load_pretrained_encoder(path, model_name=name, model_kwargs=kwargs), key
-        return load_pretrained_encoder(path), key
-    except EncoderLoadError as e:
-        raise CheckpointError(str(e)) from e
+        return load_pretrained_encoder(path, model_name=name, model_kwargs=kwargs), key
+    except EncoderLoadError as e:  # the file named is not an encoder (of that backbone): the user's to fix
+        raise ConfigError(f"checkpoint={checkpoint}: {e}") from e
 
 
 def load_method(checkpoint: str) -> Method:
@@ -75,7 +73,10 @@ def load_method(checkpoint: str) -> Method:
         path = path / "checkpoints" / "last.pt"
     if path.suffix != ".pt" or not path.is_file():
         raise ConfigError(f"checkpoint={checkpoint}: zero-shot needs a pretrain run directory or its last.pt")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"checkpoint={checkpoint}: {e}") from e
     if "config" not in state:
         raise CheckpointError(f"{path} has no stored config; it was not written by `pretrain`")
     method = build_method(OmegaConf.create(state["config"]))

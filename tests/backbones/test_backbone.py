@@ -91,3 +91,26 @@ def test_grad_checkpointing_gives_the_same_gradients():
         assert len(grads[0]) == len(grads[1]) > 0
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_third_party_state_dict_pt_loads_as_the_named_backbone(tmp_path):
+    """`evaluate checkpoint=f.pt backbone=vit_tiny` on a plain timm `state_dict()` saved with
+    torch.save: the file carries no architecture, the named backbone is it (as for .safetensors)."""
+    from conftest import compose_cfg
+    from vfm.config import ConfigError
+    from vfm.evaluate import load_encoder
+
+    third_party = timm.create_model("vit_tiny_patch16_224", img_size=32)  # with its classifier head
+    torch.save(third_party.state_dict(), tmp_path / "f.pt")
+    data = ["dataset=synthetic", "dataset.img_size=32", "dataset.in_chans=3", "backbone.patch_size=16"]
+    cfg = compose_cfg([f"checkpoint={tmp_path / 'f.pt'}", "backbone=vit_tiny", *data], config_name="evaluate")
+    encoder, _ = load_encoder(cfg.checkpoint, cfg.backbone)
+    expected = third_party.state_dict()
+    loaded = encoder.model.state_dict()
+    assert loaded and all(torch.equal(v, expected[k]) for k, v in loaded.items())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(encoder(x), third_party.forward_head(third_party.forward_features(x), pre_logits=True), atol=1e-5)
+
+    other = compose_cfg([f"checkpoint={tmp_path / 'f.pt'}", "backbone=vit_small", *data], config_name="evaluate")
+    with pytest.raises(ConfigError, match=r"checkpoint=.*f\.pt does not match timm model vit_small_patch16_224"):
+        load_encoder(other.checkpoint, other.backbone)

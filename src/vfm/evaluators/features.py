@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vfm import distributed as vdist
-from vfm.io import atomic_torch_save
+from vfm.io import atomic_torch_save, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def extract_split_features(
     path = Path(cache_path) if cache_path is not None else None
     if path is not None and path.is_file():
         try:
-            cached = torch.load(path, map_location="cpu", weights_only=True)
+            cached = load_torch(path)
         # A truncated or foreign file must not kill the evaluation: recompute instead.
         except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
             log.warning("ignoring unreadable feature cache %s (%s)", path, err)
