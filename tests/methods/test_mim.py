@@ -74,8 +74,12 @@ class _FakeDallE(nn.Module):
         return -(pooled - centers).abs()
 
 
-def test_a_pickled_dalle_style_encoder_is_a_tokenizer(tmp_path):
+def test_a_pickled_dalle_style_encoder_is_a_tokenizer(tmp_path, monkeypatch):
     torch.save(_FakeDallE(), tmp_path / "encoder.pkl")
+    monkeypatch.delenv("VFM_TRUST_CHECKPOINTS", raising=False)
+    with pytest.raises(ValueError, match=r"encoder\.pkl.*_FakeDallE.*VFM_TRUST_CHECKPOINTS=1"):  # a pickled module is code
+        load_tokenizer(tmp_path / "encoder.pkl", mean=[0.5], std=[0.25], patch_size=7)
+    monkeypatch.setenv("VFM_TRUST_CHECKPOINTS", "1")
     tok = load_tokenizer(tmp_path / "encoder.pkl", mean=[0.5], std=[0.25], patch_size=7)
     codes = tok(torch.zeros(2, 1, 28, 28))  # normalised 0 = pixel 0.5 -> the middle code
     assert codes.shape == (2, 16) and tok.num_codes == 8
