@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -28,10 +29,15 @@ def test_ranks_disjoint_and_covering(drop_last: bool) -> None:
         assert len(batches) == len(sampler) == (5 if drop_last else 6)
         assert all(len(b) == bs for b in batches[:5])
         per_rank.append([i for b in batches for i, _ in b])
-        # Same per-rank index order as torch's DistributedSampler (before batching).
-        ds = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=1)
+        assert sampler.rank_indices() == per_rank[-1]
+        # One global order, DistributedSampler's permutation; rank r's b-th batch is its chunk b * world + r.
+        ds = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=1)
         ds.set_epoch(2)
-        assert sampler.rank_indices() == list(ds)
+        order = sampler.global_order()
+        assert order[:n] == list(ds)
+        for b, batch in enumerate(batches[:5]):
+            k = b * world + rank
+            assert [i for i, _ in batch] == order[k * bs : (k + 1) * bs]
     if not drop_last:
         # 103 padded to 104: every index is seen, exactly one is seen twice, ranks get equal shares.
         assert all(len(r) == 26 for r in per_rank)
@@ -57,11 +63,39 @@ def test_per_batch_seeds_stable_and_distinct() -> None:
     e1 = epoch(a, 1)
     assert {b[0][1] for b in e1}.isdisjoint(seeds)
     assert [i for b in e1 for i, _ in b] != [i for b in e0 for i, _ in b]  # new permutation
+    # A batch's indices and seed depend on its place in the global order, not on the process
+    # count: rank 1 of 2 gets the one-process run's batches 1, 3, 5, 7, seeds included.
     other_rank = SeededBatchSampler(64, 8, seed=3, rank=1, world_size=2)
-    assert {b[0][1] for b in epoch(other_rank, 0)}.isdisjoint(seeds)
+    assert epoch(other_rank, 0) == e0[1::2]
     other_seed = SeededBatchSampler(64, 8, seed=4)
     assert {b[0][1] for b in epoch(other_seed, 0)}.isdisjoint(seeds)
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+@pytest.mark.parametrize(("world", "accum"), [(1, 1), (2, 1), (1, 4), (2, 2), (4, 1)])
+def test_global_batches_do_not_depend_on_the_process_count(world: int, accum: int) -> None:
+    """Step s trains on positions [s G, (s + 1) G) of one global order, whatever G's split; with the
+    same per-process batch, on the same batches (indices and seeds) too; and resuming at step s on
+    any layout continues there."""
+    n, global_batch, epoch_ = 100, 16, 3
+    micro = global_batch // (world * accum)
+    ranks = [SeededBatchSampler(n, micro, seed=7, rank=r, world_size=world) for r in range(world)]
+    per_rank = [epoch(s, epoch_) for s in ranks]
+    steps = n // global_batch
+    assert all(len(s) // accum == steps for s in ranks)
+    order = ranks[0].global_order()
+    one = epoch(SeededBatchSampler(n, micro, seed=7), epoch_)  # one process, world * accum micro-steps
+    for step in range(steps):
+        batches = [b for r in range(world) for b in per_rank[r][step * accum : (step + 1) * accum]]
+        assert sorted(i for b in batches for i, _ in b) == sorted(order[step * global_batch : (step + 1) * global_batch])
+        assert sorted(batches) == sorted(one[step * world * accum : (step + 1) * world * accum])
+    resumed = [epoch(s, epoch_, start_batch=2 * accum) for s in ranks]
+    assert all(resumed[r] == per_rank[r][2 * accum :] for r in range(world))
+    if (world, accum) == (1, 1):  # one process: the batches (and seeds) of every earlier version
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch_)).tolist()
+        for k, batch in enumerate(one):
+            hi, lo = np.random.SeedSequence([7, epoch_, k, 0]).generate_state(2, dtype=np.uint32)
+            assert batch == [(i, (int(hi) << 31) ^ int(lo)) for i in perm[k * 16 : (k + 1) * 16]]
 
 
 def test_start_batch_yields_tail_of_epoch() -> None:

@@ -2,17 +2,26 @@
 
 Exact resume and run-to-run reproducibility need every random augmentation parameter to be a
 function of *which batch this is*, not of which worker process built it or how many batches that
-worker built before. So:
+worker built before. Elastic resume (a run stopped on N processes continues on M) needs the data
+order to be a function of the global batch alone, not of the process count. So:
 
-* :class:`SeededBatchSampler` shards and batches indices like ``DistributedSampler`` and tags
-  every index of a batch with one seed derived from ``(seed, epoch, batch_index, rank)``;
-* :class:`SeededDataset` passes that seed through next to ``(image, label)`` (or any item tuple,
-  e.g. ``(image, caption, label)`` of :mod:`vfm.data.image_text`);
+* every epoch has one **global order** (a permutation from ``seed + epoch``) cut into consecutive
+  **chunks** of ``batch_size`` indices; chunk ``k`` carries one seed, ``batch_seed(seed, epoch,
+  k)``. Process ``rank`` of ``world_size`` takes chunks ``rank, rank + world_size, ...``: its
+  ``b``-th batch is chunk ``b * world_size + rank``. So optimisation step ``s`` (``accum_steps``
+  micro-batches on every process) consumes the global order's positions ``[s * G, (s + 1) * G)``,
+  ``G = batch_size * world_size * accum_steps``, whatever the split of ``G``
+  (:class:`SeededBatchSampler`);
+* :class:`SeededDataset` passes the chunk's seed through next to ``(image, label)`` (or any item
+  tuple, e.g. ``(image, caption, label)`` of :mod:`vfm.data.image_text`);
 * the collate (:mod:`vfm.data.collate`) stacks the uint8 images and runs the batched augmentation
   with ``torch.Generator().manual_seed(batch_seed)``.
 
-The result: the same batch gets the same crops with ``num_workers`` 0 or 8, and resuming at
-``(epoch, start_batch)`` replays exactly the batches an uninterrupted run would have seen.
+The result: the same batch gets the same crops with ``num_workers`` 0 or 8; resuming at
+``(epoch, start_batch)`` replays exactly the batches an uninterrupted run would have seen; and a
+run resumed with another process count (same global batch) continues at the same sample. The
+crops of a sample depend on its chunk, so they are also the same there when the per-process
+batch (``G / (processes x accum_steps)``) is.
 """
 
 from __future__ import annotations
@@ -28,22 +37,26 @@ from torch.utils.data import Dataset, Sampler
 __all__ = ["SeededBatchSampler", "SeededDataset", "batch_seed"]
 
 
-def batch_seed(seed: int, epoch: int, batch_index: int, rank: int) -> int:
-    """A 63-bit seed for one batch, well mixed from its coordinates (numpy ``SeedSequence``).
+def batch_seed(seed: int, epoch: int, batch_index: int) -> int:
+    """A 63-bit seed for chunk ``batch_index`` of ``epoch``, well mixed from its coordinates (numpy
+    ``SeedSequence``).
 
-    Hashing rather than e.g. ``seed + batch_index`` keeps nearby batches, epochs, ranks and runs
-    from sharing or shifting random streams.
+    Hashing rather than e.g. ``seed + batch_index`` keeps nearby batches, epochs and runs from
+    sharing or shifting random streams. The trailing 0 once was the rank (batches were numbered
+    per process); it stays so one-process runs keep their seeds.
     """
-    state = np.random.SeedSequence([seed, epoch, batch_index, rank]).generate_state(2, dtype=np.uint32)
+    state = np.random.SeedSequence([seed, epoch, batch_index, 0]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1]))
 
 
 class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Shards like ``torch.utils.data.DistributedSampler`` (same permutation from
-    ``seed + epoch`` on every rank, padded to a multiple of ``world_size`` by repeating the
-    start, then ``rank::world_size``), batches, and tags every index with a per-batch seed
-    derived from ``(seed, epoch, batch_index, rank)`` so augmentation is reproducible and
-    independent of ``num_workers``.
+    """This process's batches of the epoch's global order, each index tagged with its batch seed.
+
+    The global order is a permutation of ``range(dataset_len)`` from ``seed + epoch`` (the one
+    ``DistributedSampler`` draws). Rank ``r`` of ``W`` takes every ``W``-th chunk of ``batch_size``
+    consecutive positions, starting at chunk ``r``. With ``drop_last`` only whole rounds of ``W``
+    chunks are used (``dataset_len // (batch_size * W)`` batches per rank); otherwise the order is
+    padded cyclically to a multiple of ``W`` and the last, short round is split evenly.
 
     ``set_epoch(epoch, start_batch)`` must be called before each epoch, as with
     ``DistributedSampler``; ``start_batch`` skips the first batches (mid-epoch resume) while the
@@ -78,9 +91,14 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.num_samples = math.ceil(dataset_len / world_size)  # per rank, after padding
         self.epoch = 0
         self.start_batch = 0
+        round_size = batch_size * world_size  # one chunk per rank
+        if drop_last:
+            self._rounds, self._tail = dataset_len // round_size, 0
+        else:  # padded to a multiple of world_size, as DistributedSampler does
+            total = math.ceil(dataset_len / world_size) * world_size
+            self._rounds, self._tail = divmod(total, round_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch's permutation; skip its first ``start_batch`` batches (mid-epoch resume)."""
@@ -95,31 +113,43 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (a full epoch, whatever ``start_batch`` is)."""
-        if self.drop_last:
-            return self.num_samples // self.batch_size
-        return math.ceil(self.num_samples / self.batch_size)
+        return self._rounds + (1 if self._tail else 0)
 
-    def rank_indices(self) -> list[int]:
-        """This rank's indices for the current epoch, in order (before batching)."""
+    def global_order(self) -> list[int]:
+        """The epoch's order of all indices, the same on every rank and for every ``world_size``
+        (padded cyclically when ``drop_last`` is off and ``world_size`` does not divide it)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            indices = torch.randperm(self.dataset_len, generator=g).tolist()
+            order = torch.randperm(self.dataset_len, generator=g).tolist()
         else:
-            indices = list(range(self.dataset_len))
-        total = self.num_samples * self.world_size
-        pad = total - len(indices)
+            order = list(range(self.dataset_len))
+        pad = self._rounds * self.batch_size * self.world_size + self._tail - len(order)
         if pad > 0:
             # Repeat from the start (cyclically when the padding exceeds the dataset), so every
             # rank sees the same number of samples and the collectives stay in step.
-            indices += (indices * math.ceil(pad / len(indices)))[:pad]
-        return indices[self.rank : total : self.world_size]
+            order += (order * math.ceil(pad / len(order)))[:pad]
+        return order
+
+    def _chunk(self, b: int) -> tuple[int, int, int]:
+        """Batch ``b`` of this rank: ``(chunk index, first position, last position + 1)`` in the global order."""
+        k = b * self.world_size + self.rank
+        if b < self._rounds:
+            return k, k * self.batch_size, (k + 1) * self.batch_size
+        share = self._tail // self.world_size  # the short last round, split evenly
+        lo = self._rounds * self.batch_size * self.world_size + self.rank * share
+        return k, lo, lo + share
+
+    def rank_indices(self) -> list[int]:
+        """This rank's indices for the current epoch, in order (its batches, concatenated)."""
+        order = self.global_order()
+        return [i for b in range(len(self)) for i in order[slice(*self._chunk(b)[1:])]]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        indices = self.rank_indices()
+        order = self.global_order()
         for b in range(self.start_batch, len(self)):
-            chunk = indices[b * self.batch_size : (b + 1) * self.batch_size]
-            s = batch_seed(self.seed, self.epoch, b, self.rank)
-            yield [(i, s) for i in chunk]
+            k, lo, hi = self._chunk(b)
+            s = batch_seed(self.seed, self.epoch, k)
+            yield [(i, s) for i in order[lo:hi]]
 
 
 class SeededDataset(Dataset):

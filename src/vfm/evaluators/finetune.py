@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -329,7 +328,7 @@ class FineTune(TrainsEncoderEvaluator):
         is_main = not distributed or vdist.get_rank() == 0
         train_ds, n, val_ds = _train_and_val(splits, self.seed, hold_out=self.select_on == "val")
         batch = self._global_batch(n, world)
-        steps_per_epoch = math.ceil(n / world) // (batch // world)  # the engine's sampler, drop_last
+        steps_per_epoch = n // batch  # the engine's sampler: whole global batches (batch splits over world)
         fingerprint = self._fingerprint(encoder, batch=batch, num_classes=int(splits.num_classes), train_samples=n,
                                         val_samples=0 if val_ds is None else len(val_ds))  # type: ignore[arg-type]
         resumed = self._resumable(run_dir, fingerprint)
