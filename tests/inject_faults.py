@@ -13,6 +13,10 @@ Faults (one per run; `rank=R` limits it to one process, default all):
     kill_worker_at=I        a DataLoader worker SIGKILLs itself when it loads its I-th item
     hang_worker_at=I        a DataLoader worker hangs when it loads its I-th item
 
+With `VFM_RECORD_BATCHES=DIR` (any fault or none) every process appends one line per micro-batch
+it trains on to `DIR/<pid>.txt`: `step rank seed index index ...` (the optimisation step, the
+batch seed, the dataset indices), which is how the elastic-resume tests compare sample orders.
+
 The production code has no test hooks: the faults are monkeypatches applied here, before
 `vfm.pretrain.main` runs.
 """
@@ -118,7 +122,35 @@ def install(spec: dict[str, str]) -> None:
         vsampler.SeededDataset.__getitem__ = faulty_get
 
 
+def record_batches(directory: str) -> None:
+    """Log the indices and seed of every micro-batch this process trains on, with its step."""
+    from collections import deque
+
+    queue: deque = deque()  # batches the sampler handed out, not yet trained on (prefetch keeps it short)
+    path = os.path.join(directory, f"{os.getpid()}.txt")
+    real_iter, real_fb = vsampler.SeededBatchSampler.__iter__, vtrainer.Trainer._forward_backward
+
+    def iter_and_queue(self):
+        queue.clear()  # a new epoch: what the last one prefetched is never trained on
+        for batch in real_iter(self):
+            queue.append(batch)
+            yield batch
+
+    def forward_backward_and_log(self, run, batch, sched, last_micro):
+        keys = queue.popleft()
+        out = real_fb(self, run, batch, sched, last_micro)
+        line = f"{run.step} {run.strategy.rank} {keys[0][1]} " + " ".join(str(i) for i, _ in keys) + "\n"
+        with open(path, "a") as f:  # closed at once: a SIGKILL right after loses nothing
+            f.write(line)
+        return out
+
+    vsampler.SeededBatchSampler.__iter__ = iter_and_queue
+    vtrainer.Trainer._forward_backward = forward_backward_and_log
+
+
 if __name__ == "__main__":
+    if os.environ.get("VFM_RECORD_BATCHES"):
+        record_batches(os.environ["VFM_RECORD_BATCHES"])
     install(_spec())
     from vfm.pretrain import main
 

@@ -79,28 +79,64 @@ class TrainState:
         """The module that trains (its parameters are the optimizer's)."""
         return self.strategy.net
 
+    @property
+    def global_batch(self) -> int:
+        """Images per optimisation step, over all processes and accumulation micro-steps."""
+        accum_steps = self.data.micro_per_epoch // self.data.steps_per_epoch
+        return self.data.micro_bs * self.strategy.world * accum_steps
+
     def checkpoint(self, model_state: dict[str, Any], optim_state: dict[str, Any]) -> dict[str, Any]:
         """The checkpoint of this step, given the full model and optimizer states."""
         steps_per_epoch = self.data.steps_per_epoch
         return {
             "model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-            "rng": rng_state(), "history": self.history, "lr_rule": self.data.lr_rule, **self.extra_state,
+            "rng": rng_state(), "history": self.history, "lr_rule": self.data.lr_rule,
+            # what elastic resume checks (another process count is fine, another global batch is not)
+            "global_batch": self.global_batch, "train_samples": self.data.sampler.dataset_len,
+            "world_size": self.strategy.world, "micro_batch": self.data.micro_bs, **self.extra_state,
         }
 
     def restore(self, path: Path, state: dict[str, Any]) -> None:
         """Optimizer, loss scale, RNG, step and history from the checkpoint `state` read from `path`."""
+        self._check_resumable(path, state)
         self.strategy.load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         steps_per_epoch = self.data.steps_per_epoch
-        if state.get("steps_per_epoch") not in (None, steps_per_epoch):
-            raise ValueError(
-                f"cannot resume {path}: it had {state['steps_per_epoch']} steps per epoch, this run has "
-                f"{steps_per_epoch}; keep trainer.batch_size, the dataset and the process count unchanged"
-            )
         set_rng_state(state["rng"])
         self.step, self.history = int(state["step"]), list(state.get("history", []))
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.step // steps_per_epoch)
+
+    def _check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose optimisation steps are not this run's: another global batch or
+        dataset. Another process count is fine (the data order is global, `vfm.data.sampler`);
+        checkpoints from before `global_batch` was recorded are checked on steps per epoch alone."""
+        keep = "keep trainer.batch_size (the global batch) and the dataset unchanged; the process count may change"
+        if state.get("global_batch") not in (None, self.global_batch):
+            raise ValueError(
+                f"cannot resume {path}: it was trained with a global batch of {state['global_batch']} images, this run "
+                f"has {self.global_batch}; {keep}"
+            )
+        if state.get("train_samples") not in (None, self.data.sampler.dataset_len):
+            raise ValueError(
+                f"cannot resume {path}: it was trained on {state['train_samples']} images, this run's training set "
+                f"has {self.data.sampler.dataset_len}; {keep}"
+            )
+        if state.get("steps_per_epoch") not in (None, self.data.steps_per_epoch):
+            raise ValueError(
+                f"cannot resume {path}: it had {state['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.data.steps_per_epoch}; {keep}"
+            )
+        world = state.get("world_size")
+        if world is not None and world != self.strategy.world:
+            log.info("resuming a run of %d process(es) on %d: the same samples in the same order", world, self.strategy.world)
+            if state.get("micro_batch") not in (None, self.data.micro_bs):
+                # a sample's crops are drawn with its chunk of `micro_batch` images (vfm.data.sampler)
+                log.warning(
+                    "%s used %d images per process and micro-step, this run %d: the augmentation draws differ from "
+                    "here on; set trainer.accum_steps so that processes x accum_steps = %d to keep them",
+                    path.name, state["micro_batch"], self.data.micro_bs, self.global_batch // state["micro_batch"],
+                )
 
     def step_scalars(self, out: dict[str, torch.Tensor], sched: dict[str, float], grad_norm: torch.Tensor | float,
                      images_per_s: float) -> dict[str, float]:

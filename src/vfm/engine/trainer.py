@@ -56,7 +56,8 @@ class Trainer:
             rewritten every epoch).
         ckpt_every_n_steps: also rewrite `last.pt` every N steps (0: off), for long epochs.
         resume: "auto" (continue from the newest readable checkpoint in `<run>/checkpoints/`),
-            "never", or a path.
+            "never", or a path. The process count may differ from the checkpoint's (same
+            batch_size: the data order is global, see docs/reliability.md).
         max_steps: stop after this many optimisation steps (the schedules still span max_epochs).
         progress: tqdm progress bars on rank 0.
         dist_timeout_s: how long a collective (and the start-up rendezvous) waits for a missing
