@@ -103,7 +103,9 @@ def _rng_state_globals() -> list[Any]:
     `random.getstate()` is tuples of ints; torch's generator states are tensors.)"""
     multiarray = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed np.core
     reconstruct = multiarray.multiarray._reconstruct
-    return [np.ndarray, np.dtype, np.dtypes.UInt32DType,  # both names: pickles from numpy 1.x and 2.x
+    # the dtype's class is not a global of the pickle but must be allowed to restore its state
+    return [np.ndarray, np.dtype, np.dtypes.UInt32DType,
+            # _reconstruct under both names: pickles written with numpy 2.x and with numpy 1.x
             (reconstruct, "numpy._core.multiarray._reconstruct"), (reconstruct, "numpy.core.multiarray._reconstruct")]
 
 
