@@ -22,7 +22,16 @@ from tqdm.auto import tqdm
 from vfm.data.datasets import BadFileDataset
 from vfm.data.loader import build_train_loader
 from vfm.engine.checkpoint import load_model_state, resume_state, save_checkpoint
-from vfm.engine.device import PRECISIONS, autocast, channels_last_batch, select_device, to_device
+from vfm.engine.device import (
+    PRECISION_CHOICES,
+    PRECISIONS,
+    autocast,
+    channels_last_batch,
+    describe_precision,
+    resolve_precision,
+    select_device,
+    to_device,
+)
 from vfm.engine.logging import NullLogger
 from vfm.engine.optim import OptimSpec, clip_gradients, set_optimizer_values
 from vfm.engine.preemption import DEFAULT_SIGNALS, Preempted, StopOnSignal
@@ -46,7 +55,9 @@ class Trainer:
         max_epochs: training length (schedules span exactly this many epochs).
         batch_size: global batch per optimisation step (all processes x accumulation).
         accum_steps: gradient-accumulation micro-steps per optimisation step.
-        precision: "fp32", "bf16" (autocast, also on CPU) or "fp16" (autocast + GradScaler).
+        precision: "auto" (bf16 where it is faster than fp32: a CUDA device with native bf16, a CPU
+            with AMX-BF16; else fp32, see `vfm.engine.device.resolve_precision`), "fp32", "bf16"
+            (autocast, also on CPU) or "fp16" (autocast + GradScaler).
         device: "auto", "cpu", "cuda" or "cuda:N".
         compile: wrap the method in `torch.compile`.
         num_workers: DataLoader worker processes per training process.
@@ -89,7 +100,7 @@ class Trainer:
         max_epochs: int = 100,
         batch_size: int = 256,
         accum_steps: int = 1,
-        precision: str = "bf16",
+        precision: str = "auto",
         device: str = "auto",
         compile: bool = False,
         num_workers: int = 0,
@@ -110,8 +121,8 @@ class Trainer:
         prefetch_factor: int = 2,
         pin_memory: bool | str = "auto",
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        if precision not in PRECISION_CHOICES:
+            raise ValueError(f"trainer.precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"trainer.strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         if prefetch_factor < 1:
@@ -120,6 +131,7 @@ class Trainer:
             raise ValueError(f"trainer.pin_memory must be true, false or auto, got {pin_memory!r}")
         self.max_epochs, self.batch_size, self.accum_steps = max_epochs, batch_size, accum_steps
         self.precision, self.device_name, self.compile = precision, device, compile
+        self.run_precision = precision  # what `fit` trains in: "auto" resolved on its device
         self.num_workers, self.seed = num_workers, seed
         self.log_every_n_steps = log_every_n_steps
         self.ckpt_every_n_epochs, self.ckpt_every_n_steps = ckpt_every_n_epochs, ckpt_every_n_steps
@@ -160,6 +172,9 @@ class Trainer:
         With `augment_on_device`, `collate_fn` is a `vfm.data.collate.Collate` that can defer.
         """
         strategy = build_strategy(self.strategy, select_device(self.device_name), self.accum_steps)
+        self.run_precision, reason = resolve_precision(self.precision, strategy.device)
+        if strategy.is_main:
+            log.info(describe_precision(self.precision, self.run_precision, reason))
         logger = logger if (logger is not None and strategy.is_main) else NullLogger()
         data = self._setup_data(train_dataset, collate_fn, optim, schedules, strategy)
         run = self._setup_model(method, optim, data, strategy, Path(run_dir) / "checkpoints", logger)
@@ -235,7 +250,7 @@ class Trainer:
         total_steps = data.steps_per_epoch * self.max_epochs
         run = TrainState(
             strategy=strategy, data=data, optim=optim, optimizer=optimizer,
-            scaler=torch.amp.GradScaler(strategy.device.type, enabled=self.precision == "fp16"),
+            scaler=torch.amp.GradScaler(strategy.device.type, enabled=self.run_precision == "fp16"),
             model=torch.compile(strategy.model) if self.compile else strategy.model,
             trainable=[p for g in optimizer.param_groups for p in g["params"]],
             channels_last=bool(channels_last), ckpt_dir=ckpt_dir, logger=logger,
@@ -290,7 +305,7 @@ class Trainer:
         if run.channels_last:
             batch = channels_last_batch(batch)
         with run.strategy.accumulating(last_micro):
-            with autocast(self.precision, run.strategy.device):
+            with autocast(self.run_precision, run.strategy.device):
                 out = run.model(batch, run.step, sched)
             loss = out["loss"]
             loss_value = float(loss.detach())  # one device sync per micro-step, reused by the caller

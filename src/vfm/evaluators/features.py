@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vfm import distributed as vdist
+from vfm.engine.device import autocast, resolve_precision
 from vfm.io import atomic_torch_save, load_torch
 
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "val", "test")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -69,13 +69,6 @@ def _to_unit_float(images: Tensor) -> Tensor:
     if images.dtype == torch.uint8:
         return images.float().div_(255.0)
     return images.float()
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """A fresh autocast context per forward (only the forward runs in reduced precision)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPES[precision])
 
 
 @contextlib.contextmanager
@@ -143,6 +136,8 @@ def extract_features(
         batch_size: images per forward.
         device: where the forward runs.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``; the latter two autocast the forward only.
+            ``"auto"``: bf16 where it is faster than fp32 on ``device``, else fp32
+            (``vfm.engine.device.resolve_precision``).
         progress: show a tqdm bar.
         desc: the bar's label.
         num_workers: ``DataLoader`` workers for datasets without in-memory ``.images``.
@@ -152,11 +147,10 @@ def extract_features(
     Returns:
         ``(features float32 [N, D], labels int64 [N])`` on CPU, in dataset order.
     """
-    if precision not in ("fp32", *_AUTOCAST_DTYPES):
-        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    precision = resolve_precision(precision, device)[0]  # a ValueError for an unknown one
     mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
     feats: list[Tensor] = []
@@ -165,7 +159,7 @@ def extract_features(
         num_batches, batches = _iter_batches(dataset, batch_size, num_workers)
         for images, labels in tqdm(batches, total=num_batches, desc=desc, disable=not progress, leave=False):
             x = _eval_input(images.to(device, non_blocking=True), crop_size, mean_t, std_t)
-            with _autocast(device, precision):
+            with autocast(precision, device):  # a fresh context per forward: only the forward is cast
                 out = encoder(x)
             if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
                 shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__

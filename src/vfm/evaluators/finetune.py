@@ -47,7 +47,7 @@ from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.data.loader import build_eval_loader
 from vfm.data.transforms import MultiCropAugmentation, normalize
 from vfm.engine.checkpoint import find_resume_checkpoint
-from vfm.engine.device import PRECISIONS, autocast
+from vfm.engine.device import PRECISION_CHOICES, autocast, resolve_precision
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
 from vfm.evaluators.finetune_state import FORMAT, ValSelection, check_fingerprint, weights_digest
@@ -125,7 +125,7 @@ def _check_args(ft: FineTune) -> None:
         (0 <= ft.drop_path < 1, f"drop_path must be in [0, 1), got {ft.drop_path}"),
         (0 <= ft.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {ft.label_smoothing}"),
         (ft.mixup >= 0 and ft.cutmix >= 0, f"mixup / cutmix must be >= 0, got {ft.mixup}, {ft.cutmix}"),
-        (ft.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {ft.precision!r}"),
+        (ft.precision in PRECISION_CHOICES, f"precision must be one of {list(PRECISION_CHOICES)}, got {ft.precision!r}"),
         (ft.select_on in ("val", "last"), f"select_on must be 'val' or 'last', got {ft.select_on!r}"),
         (ft.stop_after_epoch is None or ft.stop_after_epoch >= 1, f"stop_after_epoch must be >= 1 or None, got {ft.stop_after_epoch}"),
         (ft.strategy in _STRATEGIES, f"strategy must be one of {list(_STRATEGIES)}, got {ft.strategy!r}"),
@@ -154,7 +154,7 @@ class FineTune(TrainsEncoderEvaluator):
         crop_scale: area range of the random resized crop (MAE: (0.08, 1.0)).
         flip_p: horizontal flip probability (MAE: 0.5).
         seed: seeds shuffling, augmentation, mixup, head init and drop path.
-        precision: "bf16" (autocast, also on CPU), "fp32" or "fp16" (+ loss scaling).
+        precision: "auto" (bf16 where faster than fp32, else fp32), "bf16", "fp32" or "fp16" (+ loss scaling).
         device: where to train; overridden by `__call__(device=...)`.
         progress: show progress bars.
         select_on: "val" keeps the epoch with the best validation top-1; "last" the final weights.
@@ -182,7 +182,7 @@ class FineTune(TrainsEncoderEvaluator):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         flip_p: float = 0.5,
         seed: int = 0,
-        precision: str = "bf16",
+        precision: str = "auto",
         device: str = "cpu",
         progress: bool = True,
         select_on: str = "val",
@@ -277,7 +277,7 @@ class FineTune(TrainsEncoderEvaluator):
                 continue
             x = normalize(images[keep].to(device), splits.mean, splits.std, crop_size=splits.img_size)
             y = labels[keep].to(device)
-            with autocast(self.precision, device):
+            with autocast(resolve_precision(self.precision, device)[0], device):
                 logits = model.logits(x).float()
             correct1 += int(topk_correct(logits, y, 1).sum())
             correct5 += int(topk_correct(logits, y, 5).sum())

@@ -1,0 +1,230 @@
+"""`precision=auto`: bf16 where a bf16 matrix product is faster than fp32 (a CUDA device with
+native bf16, a CPU with AMX-BF16), else fp32; explicit precisions are used as given. The CPU's and
+the GPU's capabilities are mocked, so every branch runs on any machine."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch import nn
+
+import vfm.engine.device as vdevice
+import vfm.engine.trainer as vtrainer
+from conftest import compose_cfg
+from vfm.data.datasets import TensorImageDataset
+from vfm.engine.device import cpu_has_amx_bf16, describe_precision, resolve_precision
+from vfm.engine.optim import OptimSpec
+from vfm.engine.trainer import Trainer
+from vfm.evaluators.features import extract_features
+from vfm.evaluators.finetune import FineTune
+from vfm.methods.base import Method
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+SLOW_CPU = "CPU without AMX-BF16: bf16 matrix products are slower than fp32 here"
+
+
+@pytest.fixture
+def amx(monkeypatch: pytest.MonkeyPatch):
+    """`amx(True)`: this CPU has AMX-BF16 for the test; `amx(False)`: it has not."""
+    return lambda present: monkeypatch.setattr(vdevice, "cpu_has_amx_bf16", lambda: present)
+
+
+@pytest.fixture
+def cuda_bf16(monkeypatch: pytest.MonkeyPatch):
+    """`cuda_bf16(native)`: a CUDA device whose native bf16 support is `native`; returns the
+    keyword arguments `torch.cuda.is_bf16_supported` was asked with."""
+    asked: list[dict] = []
+
+    def make(native: bool) -> list[dict]:
+        def supported(**kw) -> bool:
+            asked.append(kw)
+            # torch's default counts bf16 that a pre-Ampere GPU only emulates (slowly) as support
+            return native or kw.get("including_emulation", True)
+
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", supported)
+        monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+        return asked
+
+    return make
+
+
+# ---------------------------------------------------------------------- resolve_precision
+def test_auto_on_a_cpu_with_amx_is_bf16(amx) -> None:
+    amx(True)
+    assert resolve_precision("auto", CPU) == ("bf16", "CPU with AMX-BF16")
+
+
+def test_auto_on_a_cpu_without_amx_is_fp32(amx) -> None:
+    amx(False)
+    assert resolve_precision("auto", CPU) == ("fp32", SLOW_CPU)
+
+
+def test_auto_on_cuda_follows_native_bf16_support(cuda_bf16) -> None:
+    asked = cuda_bf16(True)
+    assert resolve_precision("auto", CUDA) == ("bf16", "CUDA device with bf16 support")
+    assert asked == [{"including_emulation": False}]
+
+
+def test_auto_on_cuda_without_native_bf16_is_fp32(cuda_bf16) -> None:
+    cuda_bf16(False)  # e.g. a V100 or T4: bf16 only emulated
+    assert resolve_precision("auto", CUDA) == ("fp32", "CUDA device without native bf16 support")
+
+
+def test_auto_on_another_device_is_fp32() -> None:
+    chosen, reason = resolve_precision("auto", torch.device("mps"))
+    assert chosen == "fp32" and reason.startswith("mps device")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("has_amx", [True, False])
+def test_explicit_precisions_are_used_as_given(amx, cuda_bf16, precision: str, has_amx: bool) -> None:
+    amx(has_amx)
+    cuda_bf16(not has_amx)
+    for device in (CPU, CUDA):
+        chosen, reason = resolve_precision(precision, device)
+        assert chosen == precision and reason.startswith("as configured")
+
+
+def test_explicit_bf16_on_a_cpu_without_amx_says_it_is_slower(amx) -> None:
+    amx(False)
+    assert resolve_precision("bf16", CPU) == ("bf16", "as configured; without AMX-BF16 this CPU runs bf16 slower than fp32")
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"precision must be one of \['auto', 'fp32', 'bf16', 'fp16'\], got 'fp8'"):
+        resolve_precision("fp8", CPU)
+
+
+def test_log_line() -> None:
+    assert describe_precision("auto", "fp32", SLOW_CPU) == f"precision auto -> fp32 ({SLOW_CPU})"
+    assert describe_precision("bf16", "bf16", "as configured") == "precision bf16 (as configured)"
+
+
+# ---------------------------------------------------------------------- reading the CPU's flags
+@pytest.fixture
+def fresh_cpu_cache():
+    cpu_has_amx_bf16.cache_clear()
+    yield
+    cpu_has_amx_bf16.cache_clear()  # the next test sees the real CPU again
+
+
+@pytest.mark.parametrize("flags, expected", [({"amx_bf16": True, "amx_tile": True}, True),
+                                             ({"avx512_bf16": True}, False)])
+def test_amx_from_torch_capabilities(monkeypatch, fresh_cpu_cache, flags: dict, expected: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags, raising=False)
+    assert cpu_has_amx_bf16() is expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n", True),
+    ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n", False),  # AMD Zen 4: bf16 vectors, no tiles
+    (None, False),  # no /proc/cpuinfo (macOS, Windows)
+])
+def test_amx_from_proc_cpuinfo_when_torch_has_no_capabilities(monkeypatch, fresh_cpu_cache, text, expected) -> None:
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+
+    class CpuInfo:
+        def __init__(self, path: str) -> None:
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self) -> str:
+            if text is None:
+                raise FileNotFoundError("/proc/cpuinfo")
+            return text
+
+    monkeypatch.setattr(vdevice, "Path", CpuInfo)
+    assert cpu_has_amx_bf16() is expected
+
+
+# ---------------------------------------------------------------------- the trainer
+class Regression(Method):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 1)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net
+
+    def training_step(self, batch, step, sched):
+        return {"loss": (self.net(batch["x"]).float().squeeze(1) - batch["y"]).pow(2).mean()}
+
+
+def collate(samples):
+    x = torch.stack([s[0] for s in samples]).flatten(1).float() / 255
+    return {"x": x, "y": torch.tensor([float(s[1]) for s in samples])}
+
+
+def fit_and_log(tmp_path, monkeypatch, caplog, precision: str) -> tuple[Trainer, list[str], list[str]]:
+    """Train 2 steps on the CPU; return the trainer, the precision lines it logged, and the
+    precision every forward was autocast to."""
+    forwards: list[str] = []
+    real = vtrainer.autocast
+    monkeypatch.setattr(vtrainer, "autocast", lambda p, device: forwards.append(p) or real(p, device))
+    data = TensorImageDataset(torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (16,)))
+    trainer = Trainer(max_epochs=1, batch_size=8, precision=precision, device="cpu", progress=False)
+    with caplog.at_level(logging.INFO, logger="vfm.engine.trainer"):
+        trainer.fit(Regression(), data, collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={}, run_dir=tmp_path)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision")]
+    return trainer, lines, forwards
+
+
+def test_trainer_defaults_to_auto() -> None:
+    assert Trainer().precision == "auto"
+
+
+@pytest.mark.parametrize("has_amx, chosen, reason", [(False, "fp32", SLOW_CPU), (True, "bf16", "CPU with AMX-BF16")])
+def test_trainer_logs_its_choice_once_and_trains_in_it(tmp_path, monkeypatch, caplog, amx, has_amx, chosen, reason) -> None:
+    amx(has_amx)
+    trainer, lines, forwards = fit_and_log(tmp_path, monkeypatch, caplog, "auto")
+    assert lines == [f"precision auto -> {chosen} ({reason})"]
+    assert trainer.run_precision == chosen and trainer.precision == "auto"
+    assert forwards == [chosen, chosen]  # 16 images, batch 8: two steps
+
+
+def test_trainer_uses_an_explicit_precision_as_given(tmp_path, monkeypatch, caplog, amx) -> None:
+    amx(True)
+    _, lines, forwards = fit_and_log(tmp_path, monkeypatch, caplog, "fp32")
+    assert lines == ["precision fp32 (as configured)"] and forwards == ["fp32", "fp32"]
+
+
+def test_trainer_refuses_an_unknown_precision() -> None:
+    with pytest.raises(ValueError, match="trainer.precision must be one of .*'auto'"):
+        Trainer(precision="fp8")
+
+
+def test_configs_default_to_auto() -> None:
+    for name, extra in (("pretrain", []), ("evaluate", ["checkpoint=random"])):
+        cfg = compose_cfg(extra, config_name=name)
+        assert cfg.trainer.precision == "auto" and cfg.eval.precision == "auto", name
+
+
+# ---------------------------------------------------------------------- the evaluators
+class Features(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3 * 8 * 8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x.flatten(1))
+
+
+@pytest.mark.parametrize("has_amx, same_as", [(False, "fp32"), (True, "bf16")])
+def test_features_resolve_auto_like_the_trainer(amx, has_amx: bool, same_as: str) -> None:
+    amx(has_amx)
+    torch.manual_seed(0)
+    enc = Features()
+    ds = TensorImageDataset(torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8), torch.arange(6))
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=4, progress=False)
+    auto, _ = extract_features(enc, ds, precision="auto", **kw)
+    expected, _ = extract_features(enc, ds, precision=same_as, **kw)
+    assert torch.equal(auto, expected)
+
+
+def test_finetune_accepts_auto_and_defaults_to_it() -> None:
+    assert FineTune().precision == "auto" and FineTune(precision="auto").precision == "auto"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        FineTune(precision="fp8")
