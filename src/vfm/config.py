@@ -1,8 +1,9 @@
 """Config validation that runs before any data is read or any model is built.
 
 Every node with a `_target_` is checked against the signature of the callable it names: unknown
-keys, missing required values and wrong types fail with the full key path and a fix. Cross-field
-rules (batch divisibility, patch tokens, crop sizes) follow. All of it only imports code and
+keys, missing required values and wrong types fail with the full key path and a fix; every number
+is then checked against the range its key allows (`vfm.config_ranges`). Cross-field rules (batch
+divisibility, patch tokens, crop sizes, the device) follow. All of it only imports code and
 reads the config, so a bad command fails in about a second.
 """
 
@@ -11,18 +12,18 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
-import logging
 import os
-import sys
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, Union
+from typing import Any, Union
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+
+from vfm.config_ranges import out_of_range
 
 # The Hydra config tree lives at the repository root (conf/), next to src/; VFM_CONF_DIR overrides it.
 CONF_DIR = os.environ.get("VFM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
@@ -32,56 +33,8 @@ METHOD_COMPONENT_KEYS = ("augment", "schedules", "masking")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 
-T = TypeVar("T")
-
-
 class ConfigError(ValueError):
     """A config problem, reported with the key and how to fix it."""
-
-
-def in_multirun() -> bool:
-    """True inside a job of a Hydra sweep (`pretrain -m ...`)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def _user_facing_errors() -> dict[type[BaseException], tuple[str, int]]:
-    """Errors whose message says what happened and what to do: shown without a traceback.
-
-    Imported here, not at module level: the config checks must not import the training engine.
-    """
-    from vfm.engine.checkpoint import CheckpointError
-    from vfm.engine.preemption import Preempted
-    from vfm.engine.trainer import NonFiniteLossError
-
-    return {ConfigError: ("config error", 2), NonFiniteLossError: ("error", 1), CheckpointError: ("error", 1),
-            Preempted: ("preempted", 0)}
-
-
-def run_or_exit(
-    run: Callable[[DictConfig], T], cfg: DictConfig, on_error: Callable[[BaseException], None] | None = None
-) -> T:
-    """Call an entry point's `run(cfg)`. A user-facing error (a bad config, a diverged loss, an
-    unwritable checkpoint, a stop on a signal) becomes one line on stderr and an exit code: 2 for
-    a config error, 1 for a failed run, 128 + the signal number after a graceful stop. Inside a
-    sweep the error is raised instead, so the sweep records this job as failed and goes on.
-    `on_error(e)` runs first (e.g. requeue a SLURM job after a stop)."""
-    known = _user_facing_errors()
-    try:
-        return run(cfg)
-    except tuple(known) as e:
-        if on_error is not None:
-            on_error(e)
-        label, code = next(v for k, v in known.items() if isinstance(e, k))
-        code = getattr(e, "exit_code", code)
-        log = logging.getLogger("vfm")
-        if in_multirun():
-            log.error("%s: %s", label, e)
-            raise
-        print(f"{label}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(code) from None
 
 
 _MAX_RUN_NAME = 200  # file systems allow 255 bytes per name
@@ -105,6 +58,24 @@ def register_resolvers() -> None:
     """`${vfm.run_name:${hydra:job.override_dirname}}`: the run folder name (see `run_name`)."""
     if not OmegaConf.has_resolver("vfm.run_name"):
         OmegaConf.register_new_resolver("vfm.run_name", run_name)
+
+
+def instantiate_checked(node: DictConfig | dict, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate(node, **kwargs)` for the config node at `key`. A constructor that
+    rejects its arguments (a ValueError; a FileNotFoundError for a file or folder that is not
+    there) is a config error naming `key`, not a traceback; any other error propagates."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            raise ConfigError(f"{key} ({node.get('_target_')}): {cause}") from e
+        raise
 
 
 def _type_ok(value: Any, ann: Any) -> bool:
@@ -232,6 +203,7 @@ def validate_pretrain(cfg: DictConfig, world_size: int = 1) -> None:
         validate_node(spec, f"method.schedules.{name}")
     for name, ev in (cfg.get("evaluator") or {}).items():
         validate_node(ev, f"evaluator.{name}", skip=("device",))
+    _check_ranges(cfg)
     _cross_checks(cfg, world_size)
 
 
@@ -241,6 +213,27 @@ def validate_evaluate(cfg: DictConfig) -> None:
         validate_node(cfg[group], group)
     for name, ev in (cfg.get("evaluator") or {}).items():
         validate_node(ev, f"evaluator.{name}", skip=("device",))
+    _check_ranges(cfg)
+    _check_device(cfg.trainer.device)
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    """Every number against the range its key allows (`vfm.config_ranges.RULES`)."""
+    problem = out_of_range(OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"]))
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device this machine does not have (the spelling is checked with the ranges)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if int(device.partition(":")[2] or 0) >= visible:
+        raise ConfigError(f"trainer.device={device} but {visible} CUDA device(s) are visible; "
+                          f"use trainer.device=auto or cpu{' or cuda:0' if visible else ''}")
 
 
 def dataset_yields_captions(target: str) -> bool:
@@ -271,9 +264,7 @@ def _cross_checks(cfg: DictConfig, world_size: int) -> None:
 
 
 def _check_trainer(tr: DictConfig, world_size: int) -> None:
-    for key in ("max_epochs", "batch_size", "accum_steps"):
-        if tr[key] < 1:
-            raise ConfigError(f"trainer.{key}={tr[key]} must be >= 1")
+    _check_device(tr.device)
     per = world_size * tr.accum_steps
     if tr.batch_size % per != 0:
         raise ConfigError(

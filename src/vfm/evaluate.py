@@ -30,7 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from vfm import distributed as vdist
 from vfm.backbones.loading import EncoderLoadError, load_pretrained_encoder
-from vfm.config import CONF_DIR, ConfigError, applied_configs, register_resolvers, run_or_exit, validate_evaluate
+from vfm.cli import check_command_line, check_run_dir, run_or_exit
+from vfm.config import (
+    CONF_DIR,
+    ConfigError,
+    applied_configs,
+    instantiate_checked,
+    register_resolvers,
+    validate_evaluate,
+)
 from vfm.engine.checkpoint import CheckpointError, load_checkpoint
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
@@ -91,16 +99,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
     vdist.init_distributed(device_type)
     run_dir = Path(cfg.paths.output_dir)
+    check_run_dir(run_dir, "paths.output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     applied = applied_configs()
     if applied is not None:
         log.info("config files (in merge order, later ones win): %s", ", ".join(applied["files"]))
     device = str(select_device(cfg.trainer.device))
-    evaluators = {k: instantiate(v) for k, v in (cfg.get("evaluator") or {}).items()}
+    evaluators = {k: instantiate_checked(v, f"evaluator.{k}") for k, v in (cfg.get("evaluator") or {}).items()}
     if not evaluators:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
     encoder, key, text_model = load_models(cfg, evaluators, device)
-    splits = instantiate(cfg.dataset)
+    splits = instantiate_checked(cfg.dataset, "dataset")
     cache = None
     if cfg.eval.cache_features:
         digest = hashlib.sha1(f"{key}|{cfg.dataset._target_}|{cfg.dataset.get('root', '')}".encode()).hexdigest()[:16]
@@ -144,7 +153,7 @@ def _write_results(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], ap
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
         return run_or_exit(run, cfg).get("knn/top1")
     except FineTuneInterrupted as e:  # a planned stop (stop_after_epoch), not a crash: no traceback
@@ -152,6 +161,13 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(3) from None
     finally:
         vdist.destroy()
+
+
+def main() -> None:
+    """The `evaluate` command: our checks of the command line (a misspelt key, an unwritable run
+    directory) report first, then Hydra composes and runs `hydra_main`."""
+    check_command_line("evaluate")
+    hydra_main()
 
 
 if __name__ == "__main__":

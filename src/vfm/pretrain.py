@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import signal
 from collections.abc import Callable
@@ -20,23 +21,22 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vfm import distributed as vdist
 from vfm.backbones import Backbone
+from vfm.cli import check_command_line, check_run_dir, run_or_exit
 from vfm.config import (
     CONF_DIR,
     METHOD_COMPONENT_KEYS,
     ConfigError,
     applied_configs,
+    instantiate_checked,
     register_resolvers,
-    run_or_exit,
     validate_pretrain,
 )
 from vfm.data.collate import Collate
-from vfm.data.datasets import DataSplits
+from vfm.data.datasets import BadFileDataset, DataSplits
 from vfm.engine.logging import NullLogger
 from vfm.engine.preemption import Preempted, requeue_slurm_job
 from vfm.engine.trainer import Trainer, select_device
@@ -58,19 +58,13 @@ def seed_everything(seed: int) -> None:
 def build_method(cfg: DictConfig) -> Method:
     """Backbone + method from the config, seeded so the same config always gives the same init."""
     seed_everything(cfg.trainer.seed)
-    backbone = instantiate(cfg.backbone)
+    backbone = instantiate_checked(cfg.backbone, "backbone")
     # resolve first: method keys may interpolate its components (n_global_crops: ${.augment.n_global})
     node = OmegaConf.to_container(cfg.method, resolve=True)
     method_cfg = {k: v for k, v in node.items() if k not in METHOD_COMPONENT_KEYS}  # type: ignore[union-attr]
-    try:
-        return instantiate(method_cfg, backbone=backbone)
-    except InstantiationException as e:
-        # a method that rejects its inputs (a teacher/tokenizer file that is missing or whose patch
-        # grid does not match) says why in a ValueError: report it as a config error, not a traceback
-        cause = e.__cause__
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            raise ConfigError(f"method ({cfg.method._target_}): {cause}") from e
-        raise
+    # a method that rejects its inputs (a teacher/tokenizer file that is missing or whose patch
+    # grid does not match) says why in a ValueError: a config error, not a traceback
+    return instantiate_checked(method_cfg, "method", backbone=backbone)
 
 
 def build_random_encoder(cfg: DictConfig) -> torch.nn.Module:
@@ -142,6 +136,7 @@ def set_up_run(cfg: DictConfig) -> Path:
     device_type = "cuda" if (cfg.trainer.device.startswith("cuda") or (cfg.trainer.device == "auto" and torch.cuda.is_available())) else "cpu"
     vdist.init_distributed(device_type, timeout_s=cfg.trainer.dist_timeout_s)
     run_dir = Path(cfg.paths.output_dir)
+    check_run_dir(run_dir, "paths.output_dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     if vdist.get_rank() == 0:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -152,21 +147,49 @@ def build_components(cfg: DictConfig, run_dir: Path) -> Components:
     """The method (seeded), its data pipeline, optimizer, schedules, trainer, the data (the first
     read), the evaluators and the logger."""
     method = build_method(cfg)
-    augment = instantiate(cfg.method.augment)
-    masking = instantiate(cfg.method.masking) if cfg.method.get("masking") is not None else None
+    augment = instantiate_checked(cfg.method.augment, "method.augment")
+    masking = instantiate_checked(cfg.method.masking, "method.masking") if cfg.method.get("masking") is not None else None
     collate = method.build_collate(augment, masking)
-    schedules = {k: instantiate(v) for k, v in (cfg.method.get("schedules") or {}).items()}
-    optim = instantiate(cfg.optim)
-    trainer = instantiate(cfg.trainer)
-    splits = instantiate(cfg.dataset)  # the first data read
-    evaluators = {k: instantiate(v) for k, v in (cfg.get("evaluator") or {}).items()}
-    logger = instantiate(cfg.logger, save_dir=str(run_dir)) if vdist.get_rank() == 0 else NullLogger()
+    schedules = {k: instantiate_checked(v, f"method.schedules.{k}") for k, v in (cfg.method.get("schedules") or {}).items()}
+    optim = instantiate_checked(cfg.optim, "optim")
+    trainer = instantiate_checked(cfg.trainer, "trainer")
+    splits = instantiate_checked(cfg.dataset, "dataset")  # the first data read
+    check_training_data(cfg, splits.train, vdist.get_world_size())
+    evaluators = {k: instantiate_checked(v, f"evaluator.{k}") for k, v in (cfg.get("evaluator") or {}).items()}
+    logger = instantiate_checked(cfg.logger, "logger", save_dir=str(run_dir)) if vdist.get_rank() == 0 else NullLogger()
     logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
     # distributed=False: every evaluation below runs on rank 0 alone (the others wait at a barrier),
     # so fine-tuning must not wait for them in DDP collectives
     eval_kw = dict(device=str(select_device(cfg.trainer.device)), batch_size=cfg.eval.batch_size,
                    precision=cfg.eval.precision, progress=trainer.progress, distributed=False)
     return Components(method, masking, collate, schedules, optim, trainer, splits, evaluators, logger, eval_kw)
+
+
+def check_training_data(cfg: DictConfig, train: Any, world_size: int) -> None:
+    """Config errors for training data that cannot train: fewer images than one global batch
+    (an epoch without a single optimisation step) or, for files decoded as they are read, a
+    first item that cannot be decoded even after skipping (the folder holds no readable image)."""
+    per_process = cfg.trainer.batch_size // world_size
+    if math.ceil(len(train) / world_size) < per_process:  # the sampler pads each process's share
+        per = world_size * cfg.trainer.accum_steps
+        fix = f"trainer.batch_size={per * (len(train) // per)}" if len(train) >= per else "more images"
+        raise ConfigError(
+            f"the training set ({dataset_name(cfg)}) has {len(train)} images, fewer than one batch of "
+            f"trainer.batch_size={cfg.trainer.batch_size}: one epoch would have no optimisation step; use {fix}"
+        )
+    if not isinstance(train, BadFileDataset):
+        return
+    try:
+        train[0]
+    except RuntimeError as e:
+        if train.num_skipped == 0:  # not the bad-file policy giving up: a bug
+            raise
+        key = next((k for k in ("root", "train_csv", "urls") if k in cfg.dataset), "_target_")  # where the files are
+        raise ConfigError(
+            f"dataset.{key}={cfg.dataset[key]}: none of the first {train.num_skipped} images could be decoded (the "
+            f"warnings above name them), so the data looks corrupt, not sprinkled with the odd bad file that "
+            f"dataset.bad_files={cfg.dataset.get('bad_files')} skips; check the files of dataset.{key}"
+        ) from e
 
 
 def log_start(cfg: DictConfig, method: Method, run_dir: Path) -> dict[str, Any]:
@@ -336,13 +359,20 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="pretrain")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = run_or_exit(run, cfg, on_error=_requeue_after_time_limit)
     finally:
         vdist.destroy()
     # Hydra sweepers (e.g. Optuna) optimise the returned value: the headline metric.
     return metrics.get("knn/top1") if metrics else None
+
+
+def main() -> None:
+    """The `pretrain` command: our checks of the command line (a misspelt key, an unwritable run
+    directory) report first, then Hydra composes and runs `hydra_main`."""
+    check_command_line("pretrain")
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
-from vfm.config import CONF_DIR, ConfigError, register_resolvers, run_or_exit, validate_evaluate
+from vfm.cli import run_or_exit
+from vfm.config import CONF_DIR, ConfigError, register_resolvers, validate_evaluate
 from vfm.data.datasets import DataSplits, TensorImageDataset
 from vfm.engine.trainer import select_device
 from vfm.evaluate import load_encoder
