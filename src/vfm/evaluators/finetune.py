@@ -154,7 +154,7 @@ class FineTune(TrainsEncoderEvaluator):
         crop_scale: area range of the random resized crop (MAE: (0.08, 1.0)).
         flip_p: horizontal flip probability (MAE: 0.5).
         seed: seeds shuffling, augmentation, mixup, head init and drop path.
-        precision: "auto" (bf16 where faster than fp32, else fp32), "bf16", "fp32" or "fp16" (+ loss scaling).
+        precision: "bf16" (autocast, also on CPU), "auto" (bf16 where faster), "fp32" or "fp16" (+ loss scaling).
         device: where to train; overridden by `__call__(device=...)`.
         progress: show progress bars.
         select_on: "val" keeps the epoch with the best validation top-1; "last" the final weights.
@@ -182,7 +182,7 @@ class FineTune(TrainsEncoderEvaluator):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         flip_p: float = 0.5,
         seed: int = 0,
-        precision: str = "auto",
+        precision: str = "bf16",
         device: str = "cpu",
         progress: bool = True,
         select_on: str = "val",
