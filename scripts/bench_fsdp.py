@@ -63,7 +63,7 @@ def compose_config(backbone: str = "vit_small", *, img_size: int = 64, local_cro
                    precision: str = "bf16", depth: int | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """The pretrain config of the benchmark: DINO on small synthetic images."""
     register_resolvers()
-    args = ["method=dino", f"backbone={backbone}", "dataset=synthetic", f"dataset.img_size={img_size}",
+    args = ["method=dino", f"backbone={backbone}", "dataset=synthetic", "~recipe", f"dataset.img_size={img_size}",
             f"method.augment.local_crop_size={local_crop_size}", f"trainer.precision={precision}",
             "trainer.device=cpu"]
     if depth is not None:

@@ -45,9 +45,10 @@ LIGHTLY_MISSING = "pip install 'vfm[bench]' (lightly) for the side-by-side compa
 # Hydra overrides per setting and method. "recipe": the small-box CPU recipes (conf/recipe/*_fashion_mnist);
 # "vit_b_224": ViT-B/16 at 224 px, 3 channels, each method's paper defaults (conf/method/*.yaml);
 # "tiny": the test suite's tiny model (seconds per step on a CPU).
-_VIT_B = ["backbone=vit_base", "dataset=synthetic", "dataset.img_size=224", "dataset.in_chans=3",
+_VIT_B = ["backbone=vit_base", "dataset=synthetic", "~recipe", "dataset.img_size=224", "dataset.in_chans=3",
           "dataset.mean=[0.5,0.5,0.5]", "dataset.std=[0.25,0.25,0.25]"]
-_TINY = ["dataset=synthetic", "backbone.patch_size=7", "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"]
+_TINY = ["dataset=synthetic", "~recipe", "backbone.patch_size=7",
+         "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"]
 SETTINGS: dict[str, dict[str, list[str]]] = {
     "recipe": {"dino": ["method=dino", "dataset=fashion_mnist"], "mae": ["method=mae", "dataset=fashion_mnist"]},
     "vit_b_224": {"dino": ["method=dino", *_VIT_B], "mae": ["method=mae", *_VIT_B]},

@@ -63,7 +63,7 @@ def method_overrides(method: str, args: argparse.Namespace) -> list[str]:
     (no recipe: the method's paper defaults; DINO-family: 2 global + --n-local local crops)."""
     ov = [f"method={method}"]
     if is_imagenet_sized(args):
-        ov.append("dataset=synthetic_captions" if method == "clip" else "dataset=synthetic")
+        ov += ["dataset=synthetic_captions" if method == "clip" else "dataset=synthetic", "~recipe"]
         ov += [f"dataset.img_size={args.img}", "dataset.in_chans=3", "dataset.mean=[0.485,0.456,0.406]",
                "dataset.std=[0.229,0.224,0.225]", "dataset.num_classes=1000"]
         if method in DINO_FAMILY:

@@ -50,7 +50,9 @@ def _batch_seed_of(samples: Sequence[tuple[Any, ...]], who: str, fields: str) ->
 
 
 def _stack_samples(samples: Sequence[tuple[Any, ...]], who: str) -> tuple[Tensor, Tensor, int]:
-    """uint8 images ``[B,C,H,W]``, int64 labels ``[B]`` and the batch seed of seeded samples."""
+    """uint8 images ``[B,C,H,W]``, int64 labels ``[B]`` and the batch seed of seeded samples.
+    An image-text sample's caption is dropped: an image-only method trains on its image."""
+    samples = [(s[0], s[2], s[3]) if len(s) == 4 else s for s in samples]  # (image, caption, label, seed)
     seed = _batch_seed_of(samples, who, "(image, label, seed)")
     images = torch.stack([s[0] for s in samples])
     labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.int64)
