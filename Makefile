@@ -4,13 +4,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# what running needs (`pip install -e .`), then the dev tools on top (tests, lint, benchmarks, plots)
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 ARGS ?=
 CKPT ?= outputs/pretrain/default/checkpoints/last.pt
 SWEEP ?= multirun/pretrain
 
 .DEFAULT_GOAL := help
-.PHONY: help install data pretrain evaluate visualize test test-fast test-faults golden report lint bench tensorboard clean
+.PHONY: help install install-dev data pretrain evaluate visualize test test-fast test-faults golden report lint bench tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,10 +21,17 @@ help: ## list the targets
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip >/dev/null
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e .
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install vfm (editable) with the dev extras
+# after `make pretrain` this only adds the [dev] extra
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -e '.[dev]'
+	touch $(DEV_STAMP)
+
+install: $(STAMP) ## create .venv and install vfm (editable): what pretrain, evaluate and visualize need
+
+install-dev: $(DEV_STAMP) ## install plus the [dev] extra: pytest, ruff, lightly, matplotlib, transformers, submitit
 
 data: $(STAMP) ## obtain Fashion-MNIST (Debian package if present, else download into data/)
 	$(BIN)/python scripts/fetch_data.py fashion_mnist
@@ -36,26 +45,26 @@ evaluate: data ## evaluate a checkpoint (CKPT=..., ARGS=...)
 visualize: data ## attention maps and patch PCA of a checkpoint (CKPT=..., ARGS=...)
 	$(BIN)/visualize checkpoint=$(CKPT) $(ARGS)
 
-test: $(STAMP) ## run the test suite (CPU, synthetic data)
+test: $(DEV_STAMP) ## run the test suite (CPU, synthetic data)
 	$(BIN)/pytest
 
-test-fast: $(STAMP) ## the tests without the slow (multi-process) ones
+test-fast: $(DEV_STAMP) ## the tests without the slow (multi-process) ones
 	$(BIN)/pytest -m "not slow"
 
-bench: $(STAMP) ## throughput, MFU, ablations, lightly side by side and end to end (5-6 min on 2 cores; outputs/bench)
+bench: $(DEV_STAMP) ## throughput, MFU, ablations, lightly side by side and end to end (5-6 min on 2 cores; outputs/bench)
 	$(BIN)/python scripts/bench
 
-test-faults: $(STAMP) ## only the fault tests (kill -9, torn files, NaN on one rank, hangs, sweeps); part of `make test`
+test-faults: $(DEV_STAMP) ## only the fault tests (kill -9, torn files, NaN on one rank, hangs, sweeps); part of `make test`
 	$(BIN)/pytest tests/test_faults.py tests/engine tests/data/test_corrupt_inputs.py tests/test_golden.py tests/test_slurm.py
 
-golden: $(STAMP) ## rewrite the golden per-step losses after a deliberate change (review the diff!)
+golden: $(DEV_STAMP) ## rewrite the golden per-step losses after a deliberate change (review the diff!)
 	VFM_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_golden.py
 	git diff --stat tests/golden
 
-report: $(STAMP) ## results table + plot of a sweep: make report SWEEP=multirun/pretrain
+report: $(DEV_STAMP) ## results table + plot of a sweep: make report SWEEP=multirun/pretrain
 	$(BIN)/python scripts/collect_results.py $(SWEEP)
 
-lint: $(STAMP) ## ruff
+lint: $(DEV_STAMP) ## ruff
 	$(BIN)/ruff check src tests scripts
 
 tensorboard: $(STAMP) ## serve TensorBoard over outputs/
