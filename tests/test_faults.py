@@ -218,17 +218,18 @@ def test_sweep_rejects_an_invalid_combination_before_any_job_starts(tmp_path):
 
 def test_sweep_partial_failure_summary_rerun_skips_finished_and_report(tmp_path):
     root = tmp_path / "sweep"
-    proc = sweep(root, "optim.blr=1e-4,nan,1e-3")
+    # optim.blr=1e+30 passes validation and diverges in the first epoch: the job that fails
+    proc = sweep(root, "optim.blr=1e-4,1e+30,1e-3")
     assert proc.returncode == 1
     assert "1 of 3 sweep jobs failed (the others finished)" in proc.stdout
     jobs = json.loads((root / "sweep_summary.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["completed", "failed", "completed"]
     failed = jobs[1]
-    assert "optim.blr=nan" in failed["overrides"] and "non-finite loss" in failed["error"]
+    assert "optim.blr=1e+30" in failed["overrides"] and "non-finite loss" in failed["error"]
     assert Path(failed["log"]).is_file() and "non-finite loss" in Path(failed["log"]).read_text()
     assert all((Path(j["dir"]) / "metrics.json").is_file() for j in (jobs[0], jobs[2]))
     # the same sweep again: the finished jobs are skipped, the failed one is tried again
-    again = sweep(root, "optim.blr=1e-4,nan,1e-3")
+    again = sweep(root, "optim.blr=1e-4,1e+30,1e-3")
     assert again.returncode == 1
     jobs = json.loads((root / "sweep_summary.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["skipped", "failed", "skipped"]
@@ -245,7 +246,7 @@ def test_sweep_through_the_submitit_launcher_records_a_failed_job(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     root = tmp_path / "sweep"
     # submitit_local runs each job as a submitit job (a subprocess), as submitit_slurm does on a cluster
-    proc = sweep(root, "hydra/launcher=submitit_local", "optim.blr=1e-3,nan")
+    proc = sweep(root, "hydra/launcher=submitit_local", "optim.blr=1e-3,1e+30")
     assert proc.returncode == 1, proc.stderr[-3000:]
     jobs = json.loads((root / "sweep_summary.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["completed", "failed"]
