@@ -182,7 +182,7 @@ class FineTune(TrainsEncoderEvaluator):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         flip_p: float = 0.5,
         seed: int = 0,
-        precision: str = "bf16",
+        precision: str = "auto",
         device: str = "cpu",
         progress: bool = True,
         select_on: str = "val",
