@@ -1,6 +1,7 @@
 """`precision=auto`: bf16 where a bf16 matrix product is faster than fp32 (a CUDA device with
-native bf16, a CPU with AMX-BF16), else fp32; explicit precisions are used as given. The CPU's and
-the GPU's capabilities are mocked, so every branch runs on any machine."""
+native bf16, a CPU where it measures >= 1.2x fp32), else fp32; explicit precisions are used as
+given. The CPU's measurement and the GPU's capabilities are mocked, so every branch runs on any
+machine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import vfm.engine.device as vdevice
 import vfm.engine.trainer as vtrainer
 from conftest import compose_cfg
 from vfm.data.datasets import TensorImageDataset
-from vfm.engine.device import cpu_has_amx_bf16, describe_precision, resolve_precision
+from vfm.engine.device import cpu_bf16_speedup, describe_precision, resolve_precision
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
 from vfm.evaluators.features import extract_features
@@ -23,13 +24,15 @@ from vfm.evaluators.finetune import FineTune
 from vfm.methods.base import Method
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
-SLOW_CPU = "CPU without AMX-BF16: bf16 matrix products are slower than fp32 here"
+SLOW_CPU = "this CPU runs bf16 matrix products at 0.50x fp32"
+FAST_CPU = "this CPU runs bf16 matrix products at 2.00x fp32"
 
 
 @pytest.fixture
 def amx(monkeypatch: pytest.MonkeyPatch):
-    """`amx(True)`: this CPU has AMX-BF16 for the test; `amx(False)`: it has not."""
-    return lambda present: monkeypatch.setattr(vdevice, "cpu_has_amx_bf16", lambda: present)
+    """`amx(True)`: this CPU runs bf16 matrix products at 2x fp32 (AMX-BF16, Zen 4); `amx(False)`:
+    at 0.5x (AVX512-BF16 without AMX)."""
+    return lambda fast: monkeypatch.setattr(vdevice, "cpu_bf16_speedup", lambda: 2.0 if fast else 0.5)
 
 
 @pytest.fixture
@@ -54,7 +57,7 @@ def cuda_bf16(monkeypatch: pytest.MonkeyPatch):
 # ---------------------------------------------------------------------- resolve_precision
 def test_auto_on_a_cpu_with_amx_is_bf16(amx) -> None:
     amx(True)
-    assert resolve_precision("auto", CPU) == ("bf16", "CPU with AMX-BF16")
+    assert resolve_precision("auto", CPU) == ("bf16", FAST_CPU)
 
 
 def test_auto_on_a_cpu_without_amx_is_fp32(amx) -> None:
@@ -90,7 +93,7 @@ def test_explicit_precisions_are_used_as_given(amx, cuda_bf16, precision: str, h
 
 def test_explicit_bf16_on_a_cpu_without_amx_says_it_is_slower(amx) -> None:
     amx(False)
-    assert resolve_precision("bf16", CPU) == ("bf16", "as configured; without AMX-BF16 this CPU runs bf16 slower than fp32")
+    assert resolve_precision("bf16", CPU) == ("bf16", "as configured; this CPU runs bf16 matrix products at 0.50x fp32")
 
 
 def test_unknown_precision_is_refused() -> None:
@@ -103,40 +106,39 @@ def test_log_line() -> None:
     assert describe_precision("bf16", "bf16", "as configured") == "precision bf16 (as configured)"
 
 
-# ---------------------------------------------------------------------- reading the CPU's flags
+# ---------------------------------------------------------------------- measuring the CPU
 @pytest.fixture
-def fresh_cpu_cache():
-    cpu_has_amx_bf16.cache_clear()
-    yield
-    cpu_has_amx_bf16.cache_clear()  # the next test sees the real CPU again
+def fresh_cpu_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VFM_CACHE_DIR", str(tmp_path))
+    cpu_bf16_speedup.cache_clear()
+    yield tmp_path
+    cpu_bf16_speedup.cache_clear()  # the next test sees the real CPU again
 
 
-@pytest.mark.parametrize("flags, expected", [({"amx_bf16": True, "amx_tile": True}, True),
-                                             ({"avx512_bf16": True}, False)])
-def test_amx_from_torch_capabilities(monkeypatch, fresh_cpu_cache, flags: dict, expected: bool) -> None:
-    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags, raising=False)
-    assert cpu_has_amx_bf16() is expected
+def test_speedup_is_measured_once_per_machine_and_kept(monkeypatch, fresh_cpu_cache) -> None:
+    timings = {torch.float32: 0.010, torch.bfloat16: 0.004}
+    calls: list[torch.dtype] = []
+
+    def fake(dtype: torch.dtype, repeats: int = 3) -> float:
+        calls.append(dtype)
+        return timings[dtype]
+
+    monkeypatch.setattr(vdevice, "_matmul_seconds", fake)
+    assert cpu_bf16_speedup() == pytest.approx(2.5)
+    assert resolve_precision("auto", CPU) == ("bf16", "this CPU runs bf16 matrix products at 2.50x fp32")
+    cpu_bf16_speedup.cache_clear()  # a new process on the same machine: read from the file
+    assert cpu_bf16_speedup() == pytest.approx(2.5) and len(calls) == 2
+    assert (fresh_cpu_cache / "cpu_bf16_speedup.json").is_file()
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_bf16 amx_tile\n", True),
-    ("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n", False),  # AMD Zen 4: bf16 vectors, no tiles
-    (None, False),  # no /proc/cpuinfo (macOS, Windows)
-])
-def test_amx_from_proc_cpuinfo_when_torch_has_no_capabilities(monkeypatch, fresh_cpu_cache, text, expected) -> None:
-    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+@pytest.mark.parametrize("speedup, chosen", [(0.5, "fp32"), (1.1, "fp32"), (1.2, "bf16"), (2.2, "bf16")])
+def test_bf16_only_when_clearly_faster(monkeypatch, speedup: float, chosen: str) -> None:
+    monkeypatch.setattr(vdevice, "cpu_bf16_speedup", lambda: speedup)
+    assert resolve_precision("auto", CPU)[0] == chosen
 
-    class CpuInfo:
-        def __init__(self, path: str) -> None:
-            assert path == "/proc/cpuinfo"
 
-        def read_text(self) -> str:
-            if text is None:
-                raise FileNotFoundError("/proc/cpuinfo")
-            return text
-
-    monkeypatch.setattr(vdevice, "Path", CpuInfo)
-    assert cpu_has_amx_bf16() is expected
+def test_real_measurement_is_a_positive_ratio(fresh_cpu_cache) -> None:
+    assert cpu_bf16_speedup() > 0
 
 
 # ---------------------------------------------------------------------- the trainer
@@ -176,7 +178,7 @@ def test_trainer_defaults_to_auto() -> None:
     assert Trainer().precision == "auto"
 
 
-@pytest.mark.parametrize("has_amx, chosen, reason", [(False, "fp32", SLOW_CPU), (True, "bf16", "CPU with AMX-BF16")])
+@pytest.mark.parametrize("has_amx, chosen, reason", [(False, "fp32", SLOW_CPU), (True, "bf16", FAST_CPU)])
 def test_trainer_logs_its_choice_once_and_trains_in_it(tmp_path, monkeypatch, caplog, amx, has_amx, chosen, reason) -> None:
     amx(has_amx)
     trainer, lines, forwards = fit_and_log(tmp_path, monkeypatch, caplog, "auto")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
+import platform
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -11,6 +15,7 @@ from typing import Any
 import torch
 
 from vfm import distributed as vdist
+from vfm.io import atomic_write_json
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what `trainer.precision` / `eval.precision` accept: "auto" is resolved by `resolve_precision`
@@ -29,33 +34,70 @@ def select_device(device: str) -> torch.device:
     return dev
 
 
-@functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX-BF16 tiles (Intel Sapphire Rapids and later), read from its
-    capability flags: torch's cpuinfo where this torch exposes it, else Linux's /proc/cpuinfo;
-    False when neither says. Only with AMX is a bf16 matrix product faster than fp32 on a CPU:
-    AVX512-BF16 alone (AMD Zen 4, Cooper Lake) runs it at about half the fp32 rate."""
-    capabilities = getattr(torch.cpu, "get_capabilities", None)
-    if capabilities is not None:
-        return bool(capabilities().get("amx_bf16", False))
+# bf16 is chosen on a CPU only when it is clearly faster: near 1x the choice would flip between
+# machines (and runs) on measurement noise, and fp32 is the exact one
+BF16_MIN_SPEEDUP = 1.2
+_MATMUL_SIZE = 1024
+
+
+def _matmul_seconds(dtype: torch.dtype, repeats: int = 3) -> float:
+    a, b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(dtype), torch.randn(_MATMUL_SIZE, _MATMUL_SIZE).to(dtype)
+    a @ b  # warm-up: first-call dispatch and packing
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return (time.perf_counter() - start) / repeats
+
+
+def _cpu_key() -> str:
+    """This machine as far as matrix-product speed goes: CPU model, torch version, threads."""
+    model = platform.processor() or platform.machine()
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(line.startswith("flags") and "amx_bf16" in line.split() for line in text.splitlines())
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("VFM_CACHE_DIR", Path.home() / ".cache" / "vfm")) / "cpu_bf16_speedup.json"
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster a 1024^2 bf16 matrix product runs than fp32 on this CPU: measured
+    once per machine (~0.1 s) and kept in `~/.cache/vfm/cpu_bf16_speedup.json` (or
+    `$VFM_CACHE_DIR`), so every run on the machine makes the same choice. CPU flags do not
+    decide it: AMX-BF16 gives ~2x, but so does AVX512-BF16 on AMD Zen 4 (measured 2.2x), while
+    an AVX512-BF16 Xeon without AMX runs bf16 at ~0.5x."""
+    path, key = _cache_file(), _cpu_key()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if isinstance(cached, dict) and isinstance(cached.get(key), (int, float)):
+        return float(cached[key])
+    speedup = _matmul_seconds(torch.float32) / _matmul_seconds(torch.bfloat16)
+    try:
+        atomic_write_json(path, {**(cached if isinstance(cached, dict) else {}), key: speedup})
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return speedup
 
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """The precision to train or evaluate in on `device`, and why: `(key of PRECISIONS, reason)`.
 
     "auto" is bf16 where a bf16 matrix product is faster than fp32 (a CUDA device with native
-    bf16, Ampere or later; a CPU with AMX-BF16), else fp32 (fp16 needs a loss scaler, so it is
-    only used when asked for). An explicit "fp32", "bf16" or "fp16" is returned as given.
+    bf16, Ampere or later; a CPU where `cpu_bf16_speedup` measures >= 1.2x), else fp32 (fp16
+    needs a loss scaler, so it is only used when asked for). An explicit "fp32", "bf16" or
+    "fp16" is returned as given.
     """
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision must be one of {list(PRECISION_CHOICES)}, got {precision!r}")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_amx_bf16():
-        return precision, "as configured; without AMX-BF16 this CPU runs bf16 slower than fp32"
+    if precision == "bf16" and device.type == "cpu" and cpu_bf16_speedup() < 1.0:
+        return precision, f"as configured; this CPU runs bf16 matrix products at {cpu_bf16_speedup():.2f}x fp32"
     if precision != "auto":
         return precision, "as configured"
     if device.type == "cuda":
@@ -65,14 +107,14 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
             return "bf16", "CUDA device with bf16 support"
         return "fp32", "CUDA device without native bf16 support"
     if device.type == "cpu":
-        if cpu_has_amx_bf16():
-            return "bf16", "CPU with AMX-BF16"
-        return "fp32", "CPU without AMX-BF16: bf16 matrix products are slower than fp32 here"
-    return "fp32", f"{device.type} device: bf16 is chosen automatically only on CUDA and on AMX-BF16 CPUs"
+        speedup = cpu_bf16_speedup()
+        chosen = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
+        return chosen, f"this CPU runs bf16 matrix products at {speedup:.2f}x fp32"
+    return "fp32", f"{device.type} device: bf16 is chosen automatically only on CUDA and on CPUs where it is faster"
 
 
 def describe_precision(precision: str, chosen: str, reason: str) -> str:
-    """The start-up log line, e.g. "precision auto -> fp32 (CPU without AMX-BF16: ...)"."""
+    """The start-up log line, e.g. "precision auto -> fp32 (this CPU runs bf16 matrix products at 0.50x fp32)"."""
     if precision == chosen:
         return f"precision {chosen} ({reason})"
     return f"precision {precision} -> {chosen} ({reason})"

@@ -56,7 +56,7 @@ class Trainer:
         batch_size: global batch per optimisation step (all processes x accumulation).
         accum_steps: gradient-accumulation micro-steps per optimisation step.
         precision: "auto" (bf16 where it is faster than fp32: a CUDA device with native bf16, a CPU
-            with AMX-BF16; else fp32, see `vfm.engine.device.resolve_precision`), "fp32", "bf16"
+            where it measures >= 1.2x fp32; else fp32, see `vfm.engine.device.resolve_precision`), "fp32", "bf16"
             (autocast, also on CPU) or "fp16" (autocast + GradScaler).
         device: "auto", "cpu", "cuda" or "cuda:N".
         compile: wrap the method in `torch.compile`.
