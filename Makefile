@@ -51,7 +51,7 @@ test: $(DEV_STAMP) ## run the test suite (CPU, synthetic data)
 test-fast: $(DEV_STAMP) ## the tests without the slow (multi-process) ones
 	$(BIN)/pytest -m "not slow"
 
-bench: $(DEV_STAMP) ## throughput, MFU, ablations, lightly side by side and end to end (5-6 min on 2 cores; outputs/bench)
+bench: $(DEV_STAMP) ## throughput, MFU, ablations, lightly side by side and end to end (4-5 min on 2 cores; outputs/bench)
 	$(BIN)/python scripts/bench
 
 test-faults: $(DEV_STAMP) ## only the fault tests (kill -9, torn files, NaN on one rank, hangs, sweeps); part of `make test`
