@@ -8,8 +8,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from torch import nn
 
 from vfm.config import CONF_DIR, register_resolvers
+from vfm.methods.base import Method
 
 # A run that takes a few seconds on 2 CPU cores: synthetic data, a 2-block ViT, a small head.
 TINY_BASE = [
@@ -106,3 +108,25 @@ def tiny_cfg(tmp_path):
         return compose_cfg(TINY + list(extra), run_dir or tmp_path / "run")
 
     return make
+
+
+class Regression(Method):
+    """A linear model on flattened 4x4 images: the smallest method the trainer can run (with
+    `regression_collate`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(16, 1)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.net
+
+    def training_step(self, batch, step, sched):
+        pred = self.net(batch["x"]).float().squeeze(1)
+        return {"loss": (pred - batch["y"]).pow(2).mean()}
+
+
+def regression_collate(samples):
+    x = torch.stack([s[0] for s in samples]).flatten(1).float() / 255
+    return {"x": x, "y": torch.tensor([float(s[1]) for s in samples])}

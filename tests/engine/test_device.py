@@ -14,14 +14,14 @@ from torch import nn
 
 import vfm.engine.device as vdevice
 import vfm.engine.trainer as vtrainer
-from conftest import compose_cfg
+from conftest import Regression, compose_cfg
+from conftest import regression_collate as collate
 from vfm.data.datasets import TensorImageDataset
 from vfm.engine.device import cpu_bf16_speedup, describe_precision, resolve_precision
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
 from vfm.evaluators.features import extract_features
 from vfm.evaluators.finetune import FineTune
-from vfm.methods.base import Method
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 SLOW_CPU = "this CPU runs bf16 matrix products at 0.50x fp32"
@@ -142,24 +142,6 @@ def test_real_measurement_is_a_positive_ratio(fresh_cpu_cache) -> None:
 
 
 # ---------------------------------------------------------------------- the trainer
-class Regression(Method):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(16, 1)
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.net
-
-    def training_step(self, batch, step, sched):
-        return {"loss": (self.net(batch["x"]).float().squeeze(1) - batch["y"]).pow(2).mean()}
-
-
-def collate(samples):
-    x = torch.stack([s[0] for s in samples]).flatten(1).float() / 255
-    return {"x": x, "y": torch.tensor([float(s[1]) for s in samples])}
-
-
 def fit_and_log(tmp_path, monkeypatch, caplog, precision: str) -> tuple[Trainer, list[str], list[str]]:
     """Train 2 steps on the CPU; return the trainer, the precision lines it logged, and the
     precision every forward was autocast to."""

@@ -22,33 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from conftest import TINY
+from conftest import TINY, Regression, regression_collate
 from vfm.data.datasets import TensorImageDataset
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
-from vfm.methods.base import Method
 
 # ------------------------------------------------------------------ the checks of the checkpoint
-
-
-class _Linear(Method):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(16, 1)
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.net
-
-    def training_step(self, batch, step, sched):
-        return {"loss": (self.net(batch["x"]).squeeze(1) - batch["y"]).pow(2).mean()}
-
-
-def _collate(samples):
-    return {"x": torch.stack([s[0] for s in samples]).flatten(1).float() / 255,
-            "y": torch.tensor([float(s[1]) for s in samples])}
 
 
 def _fit(run_dir: Path, n: int = 64, batch_size: int = 8, max_epochs: int = 1) -> dict:
@@ -56,7 +36,7 @@ def _fit(run_dir: Path, n: int = 64, batch_size: int = 8, max_epochs: int = 1) -
     data = TensorImageDataset(torch.randint(0, 256, (n, 1, 4, 4), dtype=torch.uint8, generator=g),
                               torch.randint(0, 2, (n,), generator=g))
     trainer = Trainer(max_epochs=max_epochs, batch_size=batch_size, precision="fp32", device="cpu", progress=False)
-    return trainer.fit(_Linear(), data, _collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={},
+    return trainer.fit(Regression(), data, regression_collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={},
                        run_dir=run_dir)
 
 

@@ -7,35 +7,14 @@ import functools
 
 import pytest
 import torch
-from torch import nn
 
 import vfm.engine.trainer as vtrainer
+from conftest import Regression
+from conftest import regression_collate as collate
 from vfm.data.datasets import TensorImageDataset
 from vfm.engine.device import map_tensors
 from vfm.engine.optim import OptimSpec
 from vfm.engine.trainer import Trainer
-from vfm.methods.base import Method
-
-
-class Regression(Method):
-    """A linear model on flattened images: the smallest method the trainer can run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(16, 1)
-
-    @property
-    def encoder(self) -> nn.Module:
-        return self.net
-
-    def training_step(self, batch, step, sched):
-        pred = self.net(batch["x"]).float().squeeze(1)
-        return {"loss": (pred - batch["y"]).pow(2).mean()}
-
-
-def collate(samples):
-    x = torch.stack([s[0] for s in samples]).flatten(1).float() / 255
-    return {"x": x, "y": torch.tensor([float(s[1]) for s in samples])}
 
 
 def fit(tmp_path, precision: str, **kw):
