@@ -50,8 +50,11 @@ def tiny_method_overrides(method: str, artifacts: dict[str, Path]) -> list[str]:
         "supervised": [],
         "clip": ["method.embed_dim=32", "method.text_tower.width=32", "method.text_tower.layers=1",
                  "method.text_tower.heads=2", "method.text_tower.context_length=32"],
-    }[method]
-    base = [("dataset=synthetic_captions" if o == "dataset=synthetic" and method == "clip" else o) for o in TINY_BASE]
+    }
+    extra["siglip"] = extra["clip"]
+    extra = extra[method]
+    base = [("dataset=synthetic_captions" if o == "dataset=synthetic" and method in ("clip", "siglip") else o)
+            for o in TINY_BASE]
     return base + [f"method={method}"] + extra
 
 
