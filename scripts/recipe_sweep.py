@@ -8,7 +8,9 @@ The README's recipe table (29 runs, on one GPU, 5 at a time) is `--runs readme`:
 `--runs recipe` (the default) sweeps single deltas around the current recipe instead.
 
 Each run is a normal `pretrain` run directory under `--out`; `results.jsonl` and `results.md`
-list every run's overrides, steps and the pretrained / random-init kNN and linear accuracy.
+list every run's overrides, steps and the pretrained / random-init kNN and linear accuracy **on
+the validation split**, ranked by `--select` (a validation metric; `select_best` refuses any
+other). Test accuracy is not shown: the chosen recipe is read on test once, by `make results`.
 Runs already finished (a metrics.json exists) are not run again.
 """
 
@@ -83,8 +85,10 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--runs", choices=["recipe", "readme"], default="recipe")
     ap.add_argument("--only", default="", help="comma-separated run names")
+    ap.add_argument("--select", default="knn/val_top1", help="the validation metric that ranks the runs")
     ap.add_argument("common", nargs="*", help="overrides added to every run (after --)")
     args = ap.parse_args()
+    check_validation_metric(args.select)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = README_RUNS if args.runs == "readme" else RUNS
@@ -111,15 +115,43 @@ def main() -> int:
                 del running[name]
         time.sleep(1)
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in results))
-    lines = ["| run | overrides | steps | kNN | linear | kNN random init | linear random init |", "|---" * 7 + "|"]
-    for r in results:
-        m = r.get("metrics", {})
-        cells = [m.get(k, float("nan")) for k in ("knn/top1", "linear/top1", "baseline/knn/top1", "baseline/linear/top1")]
-        lines.append(f"| {r['name']} | {' '.join(r['overrides'])} | {int(m.get('train/steps', 0))} | "
-                     + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = validation_table(results, args.select)
+    (out / "results.md").write_text(text)
+    print(text)
     return 0 if all("metrics" in r for r in results) else 1
+
+
+VAL_COLUMNS = ("knn/val_top1", "linear/val_top1", "baseline/knn/val_top1", "baseline/linear/val_top1")
+
+
+def check_validation_metric(metric: str) -> None:
+    """Refuse to rank by anything but a validation metric: the test split is read once, at the end."""
+    if "/val_" not in metric:
+        raise SystemExit(f"--select={metric}: choices are made on validation; pass a metric with '/val_' "
+                         f"such as knn/val_top1 or linear/val_top1")
+
+
+def select_best(results: list[dict], metric: str = "knn/val_top1") -> dict:
+    """The run with the highest validation `metric` (runs without metrics are skipped)."""
+    check_validation_metric(metric)
+    scored = [r for r in results if metric in r.get("metrics", {})]
+    if not scored:
+        raise ValueError(f"no run has {metric}")
+    return max(scored, key=lambda r: r["metrics"][metric])
+
+
+def validation_table(results: list[dict], metric: str) -> str:
+    """Markdown table of the runs' validation metrics, best `metric` first; the chosen run in bold."""
+    ranked = sorted(results, key=lambda r: -r.get("metrics", {}).get(metric, float("-inf")))
+    best = select_best(results, metric)["name"] if any(metric in r.get("metrics", {}) for r in results) else None
+    lines = ["| run | overrides | steps | kNN val | linear val | kNN val random init | linear val random init |",
+             "|---" * 7 + "|"]
+    for r in ranked:
+        m = r.get("metrics", {})
+        name = f"**{r['name']}**" if r["name"] == best else r["name"]
+        lines.append(f"| {name} | {' '.join(r['overrides'])} | {int(m.get('train/steps', 0))} | "
+                     + " | ".join(f"{m.get(k, float('nan')):.2f}" for k in VAL_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _record(name: str, overrides: list[str], run_dir: Path, seconds: float) -> dict:

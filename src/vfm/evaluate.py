@@ -39,6 +39,7 @@ from vfm.config import (
     register_resolvers,
     validate_evaluate,
 )
+from vfm.backbones.pixels import PixelEncoder
 from vfm.engine.checkpoint import CheckpointError, load_checkpoint
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
@@ -52,13 +53,15 @@ register_resolvers()
 
 
 def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tuple[torch.nn.Module, str]:
-    """Return (encoder, cache key) for `checkpoint` ("random", a pretrain .pt, or .safetensors)."""
+    """Return (encoder, cache key) for `checkpoint` ("random", "pixels", a pretrain .pt, or .safetensors)."""
+    if checkpoint == "pixels":  # the raw-pixel baseline: features = the normalised pixels
+        return PixelEncoder(), "pixels"
     if checkpoint == "random":
         torch.manual_seed(seed)
         return instantiate(backbone_cfg), f"random-{seed}-{backbone_cfg.name}"
     path = Path(checkpoint)
     if not path.exists():
-        raise ConfigError(f"checkpoint={checkpoint} does not exist; pass a last.pt, a .safetensors file, a run directory or 'random'")
+        raise ConfigError(f"checkpoint={checkpoint} does not exist; pass a last.pt, a .safetensors file, a run directory, 'random' or 'pixels'")
     key = f"{path.resolve()}-{path.stat().st_mtime_ns}"
     # a file that carries no architecture (a timm / third-party state dict, .safetensors or .pt)
     # is read as backbone=; our checkpoints and exports carry their own, which wins
@@ -69,6 +72,22 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
         return load_pretrained_encoder(path, model_name=name, model_kwargs=kwargs), key
     except EncoderLoadError as e:  # the file named is not an encoder (of that backbone): the user's to fix
         raise ConfigError(f"checkpoint={checkpoint}: {e}") from e
+
+
+def set_paper_protocol(cfg: DictConfig) -> None:
+    """An evaluator's `paper: null` (whose protocol `auto` follows: the linear probe's feature
+    recipe) becomes the `method.linear_probe` of the run that wrote the checkpoint, read from the
+    run directory's config.yaml (the run directory itself, beside encoder.safetensors, or above
+    checkpoints/last.pt); without one it stays null (the final [CLS])."""
+    nodes = [node for node in (cfg.get("evaluator") or {}).values() if "paper" in node and node.paper is None]
+    path = Path(str(cfg.checkpoint))
+    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if not nodes or not path.exists() or not (run_dir / "config.yaml").is_file():  # random, pixels, a lone file
+        return
+    paper = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "method.linear_probe", default=None)
+    log.info("linear-probe protocol of %s: %s (method.linear_probe in %s)", cfg.checkpoint, paper, run_dir / "config.yaml")
+    for node in nodes:
+        node.paper = paper
 
 
 def load_method(checkpoint: str) -> Method:
@@ -105,6 +124,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if applied is not None:
         log.info("config files (in merge order, later ones win): %s", ", ".join(applied["files"]))
     device = str(select_device(cfg.trainer.device))
+    set_paper_protocol(cfg)
     evaluators = {k: instantiate_checked(v, f"evaluator.{k}") for k, v in (cfg.get("evaluator") or {}).items()}
     if not evaluators:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
@@ -114,13 +134,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.eval.cache_features:
         digest = hashlib.sha1(f"{key}|{cfg.dataset._target_}|{cfg.dataset.get('root', '')}".encode()).hexdigest()[:16]
         cache = run_dir / "features" / f"{digest}.pt"
+    figures: dict[str, torch.Tensor] = {}  # e.g. predicted masks, for TensorBoard
     metrics = run_evaluators(
         encoder.to(device), splits, evaluators, device=device, batch_size=cfg.eval.batch_size,
         precision=cfg.eval.precision, cache_path=cache, cache_key=key, progress=cfg.trainer.progress,
-        text_model=text_model, work_dir=run_dir,
+        text_model=text_model, work_dir=run_dir, on_figure=figures.__setitem__,
     )
     if vdist.get_rank() == 0:
-        _write_results(cfg, run_dir, metrics, applied)
+        _write_results(cfg, run_dir, metrics, applied, figures)
     vdist.wait_for_main()  # rank 0 may have evaluated alone for a long time
     return metrics
 
@@ -139,14 +160,17 @@ def load_models(cfg: DictConfig, evaluators: dict[str, Any], device: str) -> tup
     return method.encoder, f"{Path(str(cfg.checkpoint)).resolve()}-clip", method.text_model
 
 
-def _write_results(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], applied: dict[str, list[str]] | None) -> None:
-    """metrics.json (with the config files applied), TensorBoard, and the metrics on stdout."""
+def _write_results(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], applied: dict[str, list[str]] | None,
+                   figures: dict[str, torch.Tensor] | None = None) -> None:
+    """metrics.json (with the config files applied), TensorBoard (with `figures`), and the metrics on stdout."""
     atomic_write_json(run_dir / "metrics.json", {
         "checkpoint": str(cfg.checkpoint), "metrics": metrics,
         "config_files": applied and applied["files"], "overrides": applied and applied["overrides"],
     })
     logger = instantiate(cfg.logger, save_dir=str(run_dir))
     logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, 0)
+    for tag, image in (figures or {}).items():
+        logger.log_image(f"eval/{tag}", image, 0)
     logger.close()
     lines = [f"{k:24s} {v:8.2f}" for k, v in metrics.items()]
     print(f"evaluation of {cfg.checkpoint}:\n" + "\n".join(lines), flush=True)

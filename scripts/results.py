@@ -1,0 +1,211 @@
+"""`make results`: run every method's CPU recipe (with its chains) and write the results table.
+
+    python scripts/results.py                 # every row; finished rows are skipped
+    python scripts/results.py --rows dino,eva # some rows (and nothing else)
+    QUICK=1 python scripts/results.py         # a few steps per run, into outputs/results-quick/
+
+Each row is one or more `pretrain` / `evaluate` runs, each in its own run directory under `--out`
+(default `outputs/results`); a chained row names the rows it needs (EVA learns from the DINO row's
+encoder, BEiT from a tokenizer row). Re-running resumes an interrupted run (the same command in
+the same run directory resumes) and skips rows whose `row.json` says they finished.
+
+The table (`docs/results.md` between the `results:begin/end` markers, also the README's, and
+`docs/results.json`) has per row: the command, epochs, wall time, training img/s, kNN / linear
+test top-1 with the validation top-1 the linear probe's lr was chosen on, the same encoder at random
+initialisation, and every other evaluator's headline metric. It names the CPU (model, AMX or
+not), torch version and commit. Test accuracy is read once per run, at its end; nothing here
+chooses anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+EVALUATORS = "evaluator=[knn,linear,retrieval,fewshot]"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: `args` for `pretrain` (or `evaluate` when `entry` says so)."""
+
+    name: str
+    label: str
+    args: tuple[str, ...]
+    entry: str = "pretrain"
+    needs: tuple[str, ...] = field(default_factory=tuple)
+
+
+def rows(out: str) -> list[Row]:
+    """Every row in run order (a row comes after the rows it needs)."""
+    return [
+        Row("pixels", "raw pixels (standardised)", ("checkpoint=pixels",), entry="evaluate"),
+        Row("dino", "DINO", ("method=dino",)),
+        Row("ibot", "iBOT", ("method=ibot",)),
+        Row("dinov2", "DINOv2", ("method=dinov2",)),
+        Row("mae", "MAE", ("method=mae",)),
+        Row("supervised", "supervised (DeiT recipe)", ("method=supervised",)),
+        Row("clip", "CLIP (captions from labels)", ("method=clip", "dataset=fashion_mnist_captions")),
+        Row("siglip", "SigLIP (captions from labels)", ("method=siglip", "dataset=fashion_mnist_captions")),
+        Row("ijepa", "I-JEPA", ("method=ijepa",)),
+        Row("vq_tokenizer", "pixel VQ tokenizer", ("method=vq_tokenizer",)),
+        Row("beit", "BEiT (pixel VQ codes)", ("method=beit", f"method.tokenizer={out}/vq_tokenizer"), needs=("vq_tokenizer",)),
+        Row("eva", "EVA (DINO teacher)", ("method=eva", f"method.teacher={out}/dino"), needs=("dino",)),
+        Row("vqkd", "VQ-KD tokenizer (DINO teacher)", ("method=vqkd", f"method.teacher={out}/dino"), needs=("dino",)),
+        Row("beit_vqkd", "BEiT v2 (VQ-KD codes)", ("method=beit", f"method.tokenizer={out}/vqkd"), needs=("vqkd",)),
+        Row("distill", "distilled small ViT (DINO teacher)", ("method=distill", f"method.teacher={out}/dino"), needs=("dino",)),
+        Row("dino_small", "the same small ViT, DINO from scratch", ("method=dino", "recipe=dino_fashion_mnist_small_student")),
+    ]
+
+
+def machine() -> dict[str, str]:
+    """CPU model, AMX or not, torch version, commit: the context every number needs."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    amx = False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", info).group(1).strip()  # type: ignore[union-attr]
+        amx = " amx_bf16" in info or " amx_tile" in info
+    except (OSError, AttributeError):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "amx": "yes" if amx else "no", "cores": str(os.cpu_count()), "torch": torch.__version__,
+            "commit": commit or "unknown", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def command(row: Row, run_dir: Path, quick: bool) -> list[str]:
+    """The exact command line of a row (printed in the table without the run-directory override)."""
+    if quick:  # the pipeline end to end in about a minute a row: 5 steps, kNN only, no baseline
+        args = [*row.args, "evaluator=[knn]", *(["trainer.max_steps=5", "eval.baseline=false"] if row.entry == "pretrain" else [])]
+    else:
+        args = [*row.args, EVALUATORS]
+    args.append("trainer.progress=false")
+    return [sys.executable, "-m", f"vfm.{row.entry}", *args, f"hydra.run.dir={run_dir}"]
+
+
+def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool]) -> dict[str, Any]:
+    """Run `row` unless it finished before; return its record (metrics, seconds, command)."""
+    run_dir = out / row.name
+    record_path = run_dir / "row.json"
+    if record_path.is_file() and json.loads(record_path.read_text()).get("finished"):
+        return json.loads(record_path.read_text())
+    missing = [n for n in row.needs if not done.get(n)]
+    if missing:
+        return {"name": row.name, "finished": False, "error": f"needs row(s) {', '.join(missing)}"}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = command(row, run_dir, quick)
+    print(f"[results] {row.name}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    with open(run_dir / "stdout.txt", "a") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    record: dict[str, Any] = {"name": row.name, "seconds": round(time.time() - t0, 1), "returncode": rc,
+                              "command": " ".join([row.entry, *row.args])}
+    try:
+        record["metrics"] = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+        record["finished"] = rc == 0
+    except (OSError, ValueError, KeyError) as e:
+        record.update(finished=False, error=f"{e!r}; see {run_dir / 'stdout.txt'}")
+    from vfm.io import atomic_write_json  # after the runs: this script must not need vfm to start
+
+    atomic_write_json(record_path, record)
+    return record
+
+
+def _cell(m: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
+    v = m.get(key)
+    return fmt.format(v) if isinstance(v, (int, float)) else "–"
+
+
+def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str, str]) -> str:
+    """The markdown table of every row (rows not run say so)."""
+    lines = [
+        f"Fashion-MNIST, top-1 % on the test split (val: the validation split the linear probe's lr was chosen on). "
+        f"CPU: {info['cpu']} ({info['cores']} cores, AMX: {info['amx']}), GPU: {info['gpu']}, torch {info['torch']}, "
+        f"commit {info['commit']}. Generated by `make results`.",
+        "",
+        "| row | command | epochs | wall time | img/s | kNN | linear (val) | random init kNN / linear | retrieval mAP | 5-shot | zero-shot |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for rec in records:
+        m = rec.get("metrics") or {}
+        if not rec.get("finished"):
+            lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} |" + " |" * 9)
+            continue
+        minutes, seconds = divmod(int(rec["seconds"]), 60)
+        lines.append(
+            f"| {labels[rec['name']]} | `{rec['command']}` | {_cell(m, 'train/epochs', '{:.0f}')} | {minutes} min {seconds:02d} s "
+            f"| {_cell(m, 'train/images_per_s', '{:.0f}')} | {_cell(m, 'knn/top1')} "
+            f"| {_cell(m, 'linear/top1')} ({_cell(m, 'linear/val_top1')}) "
+            f"| {_cell(m, 'baseline/knn/top1')} / {_cell(m, 'baseline/linear/top1')} "
+            f"| {_cell(m, 'retrieval/map')} | {_cell(m, 'fewshot/5shot_top1')} | {_cell(m, 'zero_shot/top1')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def replace_between_markers(path: Path, body: str) -> None:
+    """Put `body` between the results markers of `path` (appended with markers if absent)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{body}{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    quick = os.environ.get("QUICK", "") not in ("", "0")
+    ap.add_argument("--out", default="outputs/results-quick" if quick else "outputs/results")
+    ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--no-docs", action="store_true", help="write only under --out, not docs/ and README.md")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    all_rows = rows(str(out))
+    unknown = set(filter(None, args.rows.split(","))) - {r.name for r in all_rows}
+    if unknown:
+        print(f"--rows: unknown row(s) {sorted(unknown)}; choose from {[r.name for r in all_rows]}", file=sys.stderr)
+        return 2
+    chosen = [r for r in all_rows if not args.rows or r.name in args.rows.split(",")]
+    done: dict[str, bool] = {}
+    for r in all_rows:  # rows not chosen still count as done when they finished before
+        path = out / r.name / "row.json"
+        done[r.name] = path.is_file() and bool(json.loads(path.read_text()).get("finished"))
+    records = []
+    for row in all_rows:
+        rec = run_row(row, out, quick, done) if row in chosen else _previous(out, row)
+        done[row.name] = bool(rec.get("finished"))
+        records.append(rec)
+    info = machine()
+    body = table({r.name: r.label for r in all_rows}, records, info)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(body)
+    (out / "results.json").write_text(json.dumps({"machine": info, "rows": records}, indent=1))
+    if not (quick or args.no_docs):
+        replace_between_markers(ROOT / "docs" / "results.md", body)
+        replace_between_markers(ROOT / "README.md", body)
+        (ROOT / "docs" / "results.json").write_text(json.dumps({"machine": info, "rows": records}, indent=1))
+    print(body)
+    return 0 if all(r.get("finished") for r in records if r["name"] in {c.name for c in chosen}) else 1
+
+
+def _previous(out: Path, row: Row) -> dict[str, Any]:
+    path = out / row.name / "row.json"
+    return json.loads(path.read_text()) if path.is_file() else {"name": row.name, "finished": False, "error": "not run yet"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

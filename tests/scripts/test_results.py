@@ -1,0 +1,67 @@
+"""scripts/results.py (the results table) and the recipe sweep's validation-only selection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from script_loader import load_script
+
+
+@pytest.fixture(scope="module")
+def results() -> Iterator[ModuleType]:
+    yield from load_script("results")
+
+
+@pytest.fixture(scope="module")
+def sweep() -> Iterator[ModuleType]:
+    yield from load_script("recipe_sweep")
+
+
+def _run(name: str, val: float, test: float) -> dict:
+    return {"name": name, "overrides": [f"x={name}"],
+            "metrics": {"knn/val_top1": val, "knn/top1": test, "train/steps": 10}}
+
+
+def test_sweep_selects_on_validation_even_when_test_disagrees(sweep: ModuleType) -> None:
+    runs = [_run("a", val=80.0, test=90.0), _run("b", val=85.0, test=70.0)]
+    assert sweep.select_best(runs)["name"] == "b"
+    table = sweep.validation_table(runs, "knn/val_top1")
+    assert "**b**" in table and "90.00" not in table and "70.00" not in table  # test never shown
+
+
+@pytest.mark.parametrize("metric", ["knn/top1", "linear/top1", "baseline/knn/top1"])
+def test_sweep_refuses_to_rank_by_a_test_metric(sweep: ModuleType, metric: str) -> None:
+    with pytest.raises(SystemExit, match="validation"):
+        sweep.select_best([_run("a", 1.0, 2.0)], metric)
+
+
+def test_rows_come_after_the_rows_they_need(results: ModuleType) -> None:
+    order = [r.name for r in results.rows("outputs/results")]
+    for row in results.rows("outputs/results"):
+        assert all(order.index(n) < order.index(row.name) for n in row.needs), row.name
+
+
+def test_a_row_whose_dependency_failed_is_not_run(results: ModuleType, tmp_path: Path) -> None:
+    row = results.Row("eva", "EVA", ("method=eva",), needs=("dino",))
+    rec = results.run_row(row, tmp_path, quick=True, done={"dino": False})
+    assert rec == {"name": "eva", "finished": False, "error": "needs row(s) dino"}
+    assert not (tmp_path / "eva").exists()
+
+
+def test_table_and_markers(results: ModuleType, tmp_path: Path) -> None:
+    info = {"cpu": "Test CPU", "amx": "no", "cores": "2", "torch": "2.x", "commit": "abc", "gpu": "none"}
+    recs = [{"name": "dino", "finished": True, "seconds": 125.0, "command": "pretrain method=dino",
+             "metrics": {"knn/top1": 80.0, "linear/top1": 82.5, "linear/val_top1": 83.0, "train/epochs": 3}},
+            {"name": "eva", "finished": False, "error": "needs row(s) dino"}]
+    body = results.table({"dino": "DINO", "eva": "EVA"}, recs, info)
+    assert "| DINO | `pretrain method=dino` | 3 | 2 min 05 s |" in body and "82.50 (83.00)" in body
+    assert "| EVA | not run: needs row(s) dino |" in body and "Test CPU" in body and "AMX: no" in body
+    page = tmp_path / "page.md"
+    page.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\noutro\n")
+    results.replace_between_markers(page, body)
+    text = page.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "82.50" in text
