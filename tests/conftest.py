@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from dino_teachers import tiny_dino_checkpoint
 from vfm.config import CONF_DIR, register_resolvers
 from vfm.methods.base import Method
 
@@ -48,6 +49,8 @@ def tiny_method_overrides(method: str, artifacts: dict[str, Path]) -> list[str]:
         "eva": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
         "eva02": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
         "supervised": [],
+        "distill": [f"method.teacher={artifacts['dino_teacher']}", "method.augment.local_crop_size=14",
+                    "method.augment.n_local=2"],
         "clip": ["method.embed_dim=32", "method.text_tower.width=32", "method.text_tower.layers=1",
                  "method.text_tower.heads=2", "method.text_tower.context_length=32"],
     }
@@ -70,7 +73,8 @@ def mim_artifacts(tmp_path_factory) -> dict[str, Path]:
     kw = dict(img_size=28, patch_size=7, in_chans=1, model_kwargs=dict(depth=1, embed_dim=24, num_heads=2))
     teacher = Backbone("vit_tiny_patch16_224", **kw).export(root / "teacher.safetensors")
     tokenizer = Tokenizer(Backbone("vit_tiny_patch16_224", **kw), num_codes=16, code_dim=8, kmeans_init=False)
-    return {"teacher": teacher, "tokenizer": tokenizer.save(root / "tokenizer.pt")}
+    return {"teacher": teacher, "tokenizer": tokenizer.save(root / "tokenizer.pt"),
+            "dino_teacher": tiny_dino_checkpoint(root / "dinov2_teacher.pt")}
 
 
 def compose_cfg(overrides: list[str], run_dir: Path | None = None, config_name: str = "pretrain") -> DictConfig:

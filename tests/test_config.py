@@ -25,7 +25,8 @@ NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabele
                ("dataset", "image_text_csv"): "dataset.train_csv", ("dataset", "webdataset"): "dataset.urls",
                ("method", "clip"): "dataset=fashion_mnist_captions", ("method", "siglip"): "dataset=fashion_mnist_captions",
                ("method", "beit"): "method.tokenizer", ("method", "vqkd"): "method.teacher",
-               ("method", "eva"): "method.teacher", ("method", "eva02"): "method.teacher"}
+               ("method", "eva"): "method.teacher", ("method", "eva02"): "method.teacher",
+               ("method", "distill"): "method.teacher"}
 
 
 def _options(group: str) -> list[str]:
@@ -70,7 +71,7 @@ def test_each_recipe_composes_with_its_dataset(recipe, tmp_path):
         assert cfg.backbone.patch_size and cfg.dataset.img_size % cfg.backbone.patch_size == 0
     else:
         files = {"beit": ["method.tokenizer=."], "vqkd": ["method.teacher=."], "eva": ["method.teacher=."],
-                 "eva02": ["method.teacher=."]}.get(kind, [])  # existing paths; the files are read later
+                 "eva02": ["method.teacher=."], "distill": ["method.teacher=."]}.get(kind, [])  # existing paths; the files are read later
         cfg = compose_cfg([f"method={kind}", f"dataset={dataset}", *files], tmp_path)
         validate_pretrain(cfg)
 
