@@ -55,7 +55,7 @@ def test_every_method_config_trains_end_to_end(method, tiny_method_cfg):
         assert 0 < metrics["tokenizer/code_usage"] <= 1 and 1 <= metrics["tokenizer/perplexity"] <= 16
 
 
-@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva", "clip", "supervised", "siglip", "distill"])
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva", "clip", "supervised", "siglip", "distill", "ijepa"])
 def test_interrupted_then_resumed_equals_uninterrupted(method, tiny_method_cfg, tmp_path):
     # drop_path draws from the global RNG: the resumed run must restore it to match
     common = ("trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none", "backbone.drop_path_rate=0.2")
@@ -112,7 +112,7 @@ def test_evaluate_checkpoint_exported_and_random(tiny_cfg, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva", "clip", "supervised", "siglip", "distill"])
+@pytest.mark.parametrize("method", ["dino", "ibot", "dinov2", "mae", "vq_tokenizer", "beit", "eva", "clip", "supervised", "siglip", "distill", "ijepa"])
 def test_two_process_gloo_torchrun(method, tmp_path, mim_artifacts):
     run = tmp_path / "ddp"
     extra = ["method.centering=sinkhorn_knopp"] if method == "dinov2" else []

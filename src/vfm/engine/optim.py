@@ -28,7 +28,8 @@ class OptimSpec:
         blr: base lr per 256 images; the lr is `blr * global_batch / 256`.
         lr: absolute peak lr; overrides `blr` when set.
         min_lr: final lr of the cosine schedule.
-        warmup_epochs: linear lr warmup from 0.
+        warmup_epochs: linear lr warmup from `warmup_lr`.
+        warmup_lr: the lr of the first warmup step (0; I-JEPA starts at 2e-4, `start_lr`).
         weight_decay, weight_decay_end: cosine weight-decay schedule (DINO: 0.04 -> 0.4).
         betas, eps: AdamW; momentum: SGD.
         clip_grad: max gradient norm (None or 0 disables).
@@ -57,13 +58,14 @@ class OptimSpec:
         fused: bool | None = None,
         lr_scaling: str = "linear",
         lr_reference_batch: int = 256,
+        warmup_lr: float = 0.0,
     ) -> None:
         if name not in ("adamw", "sgd"):
             raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
         if clip_mode not in ("per_param", "global"):
             raise ValueError(f"optim.clip_mode must be 'per_param' or 'global', got {clip_mode!r}")
         self.name, self.blr, self.lr, self.min_lr = name, blr, lr, min_lr
-        self.warmup_epochs = warmup_epochs
+        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.weight_decay = weight_decay
         self.weight_decay_end = weight_decay if weight_decay_end is None else weight_decay_end
         self.betas, self.eps, self.momentum = tuple(betas), eps, momentum
@@ -88,7 +90,8 @@ class OptimSpec:
         return f"lr = blr * batch / {ref} = {self.blr:.3g} * {global_batch} / {ref} = {lr:.4g}"
 
     def lr_schedule(self, global_batch: int) -> Cosine:
-        return Cosine(self.peak_lr(global_batch), self.min_lr, warmup_epochs=self.warmup_epochs)
+        return Cosine(self.peak_lr(global_batch), self.min_lr, warmup_epochs=self.warmup_epochs,
+                      warmup_start=self.warmup_lr)
 
     def wd_schedule(self) -> Cosine:
         return Cosine(self.weight_decay, self.weight_decay_end)

@@ -75,3 +75,16 @@ class StepUntil(Schedule):
         out = torch.full((total,), self.after, dtype=torch.float64)
         out[:n] = self.before
         return out
+
+
+class Linear(Schedule):
+    """From `base` towards `final` in equal steps, base + i * (final - base) / total at step i: the
+    last step is one increment short of `final` (I-JEPA's EMA momentum 0.996 -> 1,
+    facebookresearch/ijepa `src/train.py` `momentum_scheduler` with `ipe_scale` 1)."""
+
+    def __init__(self, base: float, final: float) -> None:
+        self.base, self.final = float(base), float(final)
+
+    def build(self, steps_per_epoch: int, epochs: int) -> torch.Tensor:
+        total = steps_per_epoch * epochs
+        return self.base + torch.arange(total, dtype=torch.float64) * ((self.final - self.base) / max(total, 1))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
-from vfm.viz.attention import attention_threshold_mask, last_layer_attention
+from vfm.viz.attention import as_vision_transformer, attention_threshold_mask, last_layer_attention
 from vfm.viz.pca import patch_pca_rgb, patch_tokens
 
 __all__ = [
@@ -140,7 +140,8 @@ def render_figures(
     foreground_threshold: float | None = None,
     scale: int | None = None,
 ) -> dict[str, Tensor]:
-    """Attention and PCA grids for uint8 `images` [B, C, H, W]: {"attention": [3, H, W], "pca": [3, H, W]}.
+    """Attention and PCA grids for uint8 `images` [B, C, H, W]: {"attention": [3, H, W], "pca": [3, H, W]}
+    (no "attention" for an encoder without a [CLS] token).
 
     `encoder` is a ViT (vfm `Backbone` or plain timm); the images are normalised with `mean`/`std`
     and run on the encoder's device in eval mode (restored afterwards, so this can run mid-training).
@@ -153,13 +154,13 @@ def render_figures(
     was_training = encoder.training
     encoder.eval()
     try:
-        maps = last_layer_attention(encoder, x)
+        # an encoder without a [CLS] token (I-JEPA) has no [CLS] attention to show: PCA only
+        has_cls = getattr(as_vision_transformer(encoder), "cls_token", None) is not None
+        maps = last_layer_attention(encoder, x) if has_cls else None
         tokens, grid = patch_tokens(encoder, x)
     finally:
         encoder.train(was_training)
     rgb = patch_pca_rgb(tokens, grid, foreground_threshold=foreground_threshold)
     s = auto_scale(max(images.shape[-2:])) if scale is None else int(scale)
-    return {
-        "attention": attention_grid(images, maps, threshold=threshold, scale=s),
-        "pca": pca_grid(images, rgb, scale=s),
-    }
+    grids = {} if maps is None else {"attention": attention_grid(images, maps, threshold=threshold, scale=s)}
+    return {**grids, "pca": pca_grid(images, rgb, scale=s)}
