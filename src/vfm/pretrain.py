@@ -215,7 +215,8 @@ def train(cfg: DictConfig, parts: Components, run_dir: Path) -> dict[str, Any]:
 
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
         visualize(encoder, parts.splits, run_dir, parts.logger, epoch, method=method, masking=parts.masking)
-        return run_evaluators(encoder, parts.splits, parts.evaluators, text_model=method.text_model, **parts.eval_kw)
+        return run_evaluators(encoder, parts.splits, parts.evaluators, text_model=method.text_model, **parts.eval_kw,
+                              on_figure=lambda tag, image: parts.logger.log_image(f"eval/{tag}", image, epoch))
 
     return parts.trainer.fit(
         method, parts.splits.train, parts.collate, optim=parts.optim, schedules=parts.schedules, run_dir=run_dir,
@@ -237,6 +238,7 @@ def final_evaluation(cfg: DictConfig, parts: Components, run_dir: Path, result: 
     metrics.update(run_evaluators(
         method.encoder, splits, evaluators, cache_path=cache and cache / "pretrained.pt",
         cache_key=f"step{result['step']}", text_model=method.text_model, work_dir=run_dir / "eval", **parts.eval_kw,
+        on_figure=lambda tag, image: parts.logger.log_image(f"final/{tag}", image, result["step"]),
     ))
     # the random-init baseline: no text tower to zero-shot with
     baseline_evs = without_image_text(evaluators)

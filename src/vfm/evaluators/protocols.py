@@ -11,6 +11,11 @@ call signature is a contract stated here, not discovered at run time:
 - `TrainsEncoderEvaluator` (fine-tuning): `(encoder, splits, device=, checkpoint_dir=,
   distributed=)`; it trains a copy of the encoder, keeps resumable state in `checkpoint_dir` and,
   with `distributed=False`, must not use the process group (pretraining evaluates on rank 0 alone).
+- `DenseEvaluator` (linear segmentation, attention Jaccard): `(encoder, splits, inputs=, out_dir=)`;
+  `splits` carry per-pixel masks (`vfm.data.datasets.segmentation.SegmentationSplits`), `inputs`
+  says how to run the frozen encoder (`DenseInputs`: mean/std, device, precision, batch size).
+  It uses no collective (every process that calls it computes the same numbers), writes its
+  figures under `out_dir` when given and leaves them in `figures` ({tag: [3, H, W] image}).
 
 Every evaluator returns `{metric name: value}` (accuracies in percent).
 """
@@ -25,9 +30,12 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from vfm.evaluators.dense_features import DenseInputs
     from vfm.evaluators.features import SplitFeatures
 
-__all__ = ["Evaluator", "FrozenFeatureEvaluator", "ImageTextEvaluator", "TrainsEncoderEvaluator"]
+__all__ = ["DenseEvaluator", "Evaluator", "FrozenFeatureEvaluator", "ImageTextEvaluator", "TrainsEncoderEvaluator"]
 
 
 class FrozenFeatureEvaluator(ABC):
@@ -56,4 +64,15 @@ class TrainsEncoderEvaluator(ABC):
         """splits: a `vfm.data` `DataSplits`; checkpoint_dir: where a rerun resumes from."""
 
 
-Evaluator = FrozenFeatureEvaluator | ImageTextEvaluator | TrainsEncoderEvaluator
+class DenseEvaluator(ABC):
+    """Evaluates the frozen encoder's per-patch outputs against per-pixel masks."""
+
+    figures: dict[str, Tensor]
+
+    @abstractmethod
+    def __call__(self, encoder: nn.Module, splits: Any, *, inputs: DenseInputs,
+                 out_dir: str | Path | None = None) -> dict[str, float]:
+        """splits: a `SegmentationSplits`; out_dir: where figures are saved (None: not saved)."""
+
+
+Evaluator = FrozenFeatureEvaluator | ImageTextEvaluator | TrainsEncoderEvaluator | DenseEvaluator

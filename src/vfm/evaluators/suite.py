@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from vfm.evaluators.dense_features import DenseInputs
 from vfm.evaluators.features import extract_split_features
 from vfm.evaluators.protocols import (
+    DenseEvaluator,
     Evaluator,
     FrozenFeatureEvaluator,
     ImageTextEvaluator,
@@ -20,7 +22,7 @@ from vfm.evaluators.protocols import (
 
 log = logging.getLogger(__name__)
 
-_KINDS = (FrozenFeatureEvaluator, ImageTextEvaluator, TrainsEncoderEvaluator)
+_KINDS = (FrozenFeatureEvaluator, ImageTextEvaluator, TrainsEncoderEvaluator, DenseEvaluator)
 
 
 def check_evaluators(evaluators: Mapping[str, Any], *, has_text_model: bool) -> None:
@@ -50,6 +52,7 @@ def run_evaluators(
     text_model: nn.Module | None = None,
     work_dir: str | Path | None = None,
     distributed: bool = True,
+    on_figure: Callable[[str, Tensor], None] | None = None,
 ) -> dict[str, float]:
     """Return {prefix + metric: value} from every evaluator in `evaluators` (name -> evaluator).
 
@@ -57,7 +60,10 @@ def run_evaluators(
     (cached in `cache_path` under `cache_key`); image-text ones also get the class names and
     `text_model`. Evaluators that train the encoder get `checkpoint_dir = work_dir / (prefix +
     name)` (e.g. `<run>/finetune`, `<run>/eval/baseline/finetune`) when `work_dir` is given, so
-    running the same evaluation again resumes them. `distributed=False`: only this process
+    running the same evaluation again resumes them. Dense evaluators (segmentation, attention
+    Jaccard) run the encoder on the masked splits themselves and save their figures under the same
+    `work_dir / (prefix + name)`; `on_figure(prefix + tag, [3, H, W] image)` receives each figure
+    (e.g. to log it to TensorBoard). `distributed=False`: only this process
     evaluates (pretrain evaluates on rank 0), so they must not use the process group; with the
     default, under torchrun every process must call this.
     """
@@ -65,14 +71,20 @@ def run_evaluators(
         return {}
     check_evaluators(evaluators, has_text_model=text_model is not None)
     feats = None
-    if any(not isinstance(ev, TrainsEncoderEvaluator) for ev in evaluators.values()):
+    if any(isinstance(ev, (FrozenFeatureEvaluator, ImageTextEvaluator)) for ev in evaluators.values()):
         feats = extract_split_features(
             encoder, splits, cache_path=cache_path, cache_key=cache_key, batch_size=batch_size,
             device=device, precision=precision, progress=progress,
         )
     metrics: dict[str, float] = {}
     for name, evaluator in evaluators.items():
-        if isinstance(evaluator, TrainsEncoderEvaluator):
+        if isinstance(evaluator, DenseEvaluator):
+            inputs = DenseInputs(splits.mean, splits.std, device, precision, batch_size, progress)
+            out = evaluator(encoder, splits, inputs=inputs,
+                            out_dir=Path(work_dir) / f"{prefix}{name}" if work_dir is not None else None)
+            for tag, image in evaluator.figures.items() if on_figure is not None else ():
+                on_figure(f"{prefix}{tag}", image)
+        elif isinstance(evaluator, TrainsEncoderEvaluator):
             checkpoint_dir = Path(work_dir) / f"{prefix}{name}" if work_dir is not None else None
             out = evaluator(encoder, splits, device=device, checkpoint_dir=checkpoint_dir, distributed=distributed)
         elif isinstance(evaluator, ImageTextEvaluator):
