@@ -44,10 +44,13 @@ def tiny_method_overrides(method: str, artifacts: dict[str, Path]) -> list[str]:
     extra = {
         "mae": TINY_DECODER,
         "vq_tokenizer": TINY_DECODER + ["method.num_codes=16", "method.code_dim=8"],
-        "vqkd": TINY_DECODER + ["method.num_codes=16", "method.code_dim=8", f"method.teacher={artifacts['teacher']}"],
+        "vqkd": TINY_DECODER + ["method.num_codes=16", "method.code_dim=8", f"method.teacher={artifacts['teacher']}",
+                                "method.teacher_normalize=dataset"],
         "beit": [f"method.tokenizer={artifacts['tokenizer']}", "method.masking.min_num_patches=1"],
-        "eva": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
-        "eva02": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1"],
+        # the tiny teacher was trained on 1-channel data: no CLIP renormalisation
+        "eva": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1", "method.teacher_normalize=dataset"],
+        "eva02": [f"method.teacher={artifacts['teacher']}", "method.masking.min_num_patches=1",
+                  "method.teacher_normalize=dataset"],
         "supervised": [],
         # 4 px patches: a 7x7 grid for the blocks (the official min_keep 10 exceeds a target block there)
         "ijepa": ["backbone.patch_size=4", "method.predictor_dim=32", "method.predictor_depth=1",

@@ -53,8 +53,8 @@ def test_codebook_report_counts_codes_in_use(mim_artifacts):
 
 def test_vqkd_reconstructs_the_teacher_features(mim_artifacts):
     torch.manual_seed(0)
-    m = VQTokenizer(_bb(), target="features", teacher=str(mim_artifacts["teacher"]), num_codes=16, code_dim=8,
-                    decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    m = VQTokenizer(_bb(), target="features", teacher=str(mim_artifacts["teacher"]), teacher_normalize="dataset",
+                    num_codes=16, code_dim=8, decoder_dim=16, decoder_depth=1, decoder_heads=2)
     out = m.training_step({"crops": [torch.randn(4, 1, 28, 28)]}, 0, {})
     assert 0 <= out["loss_rec"] <= 2 and {"perplexity", "code_usage", "dead_codes"} <= set(out)
     out["loss"].backward()
@@ -105,9 +105,9 @@ def test_eva_targets_are_the_teacher_patch_features(mim_artifacts):
     torch.manual_seed(0)
     student = Backbone("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
                        model_kwargs=dict(depth=1, embed_dim=32, num_heads=2))  # wider than the 24-d teacher
-    m = EVA(student, teacher=str(mim_artifacts["teacher"]))
+    m = EVA(student, teacher=str(mim_artifacts["teacher"]), teacher_normalize="dataset")  # a 1-channel teacher
     x = torch.randn(3, 1, 28, 28)
-    target = m.teacher.forward_tokens(x)["patch"]
+    target = m.teacher.encoder.forward_tokens(x)["patch"]
     pred = m.head(m.backbone.forward_tokens(x)["patch"])
     assert target.shape == pred.shape == (3, 16, 24)
     mask = sample_masks(3, 4, ratio_range=(0.4, 0.4), mask_probability=1.0, generator=torch.Generator().manual_seed(0),

@@ -14,10 +14,12 @@ Accepted, in order of preference:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vfm.backbones.timm_backbone import Backbone, exported_metadata
 from vfm.io import UnreadableFileError, load_torch
@@ -31,17 +33,32 @@ def load_pretrained_encoder(
     path: str | Path, *, model_name: str | None = None, model_kwargs: dict[str, Any] | None = None
 ) -> Backbone:
     """A `Backbone` with the weights stored at `path` (see the module docstring), on the CPU, in eval mode."""
+    return load_pretrained_encoder_and_projection(path, model_name=model_name, model_kwargs=model_kwargs)[0]
+
+
+def load_pretrained_encoder_and_projection(
+    path: str | Path, *, model_name: str | None = None, model_kwargs: dict[str, Any] | None = None
+) -> tuple[Backbone, nn.Linear | None]:
+    """The encoder (as `load_pretrained_encoder`) and the image projection stored with it, or None.
+
+    The projection is a CLIP image tower's map onto the image-text space, which feature teachers
+    (EVA, VQ-KD) apply to every patch token: timm's `head` of a foreign CLIP file (OpenAI's
+    `visual.proj`, open_clip's `visual.proj`, converted by timm's checkpoint filter) or the
+    `image_projection` of a `method=clip` checkpoint (pass its `checkpoints/last.pt`: a run
+    directory resolves to `encoder.safetensors`, which holds the encoder only). A classifier head of a foreign file is returned the same way: callers that
+    want the encoder alone use `load_pretrained_encoder`.
+    """
     path = Path(path)
     if path.is_dir():
         for candidate in (path / "encoder.safetensors", path / "checkpoints" / "last.pt"):
             if candidate.is_file():
-                return load_pretrained_encoder(candidate, model_name=model_name, model_kwargs=model_kwargs)
+                return load_pretrained_encoder_and_projection(candidate, model_name=model_name, model_kwargs=model_kwargs)
         raise EncoderLoadError(f"{path} holds neither encoder.safetensors nor checkpoints/last.pt; is it a pretrain run directory?")
     if not path.is_file():
         raise EncoderLoadError(f"encoder weights {path} do not exist; pass a pretrain run directory, its "
                                "encoder.safetensors or checkpoints/last.pt")
     if path.suffix == ".safetensors" and exported_metadata(path) is not None:
-        return Backbone.from_exported(path).eval()
+        return Backbone.from_exported(path).eval(), None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -63,7 +80,7 @@ def load_pretrained_encoder(
         if missing or unexpected:
             raise EncoderLoadError(f"{path}: encoder weights do not match its stored backbone config "
                                    f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return backbone.eval()
+        return backbone.eval(), _linear_from(state["model"], "image_projection.")
     if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
         state = state.get("state_dict", state.get("model"))
     if not isinstance(state, dict):
@@ -71,20 +88,36 @@ def load_pretrained_encoder(
     return _from_foreign_state(state, path, model_name, model_kwargs)
 
 
+def _linear_from(state: dict[str, torch.Tensor], prefix: str) -> nn.Linear | None:
+    """nn.Linear from `{prefix}weight` [out, in] (and `{prefix}bias`) of `state`, or None without it."""
+    weight = state.get(prefix + "weight")
+    if weight is None or weight.ndim != 2:
+        return None
+    bias = state.get(prefix + "bias")
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear.eval()
+
+
 def _from_foreign_state(
     state: dict[str, torch.Tensor], path: Path, model_name: str | None, model_kwargs: dict[str, Any] | None
-) -> Backbone:
+) -> tuple[Backbone, nn.Linear | None]:
     if not model_name:
         raise EncoderLoadError(f"{path} carries no architecture; name the timm model it belongs to "
                                "(e.g. vit_base_patch16_clip_224 for an open_clip ViT-B/16 image tower)")
-    from timm.models import vision_transformer
-
     backbone = Backbone.from_create_kwargs(model_name, model_kwargs or {})
-    if backbone.is_vit:  # converts open_clip / OpenAI CLIP / original-repo key layouts to timm's
-        state = vision_transformer.checkpoint_filter_fn(state, backbone.model)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # classifier heads are not the encoder
+    # timm's own filter for the model's family converts open_clip / OpenAI CLIP / EVA-CLIP /
+    # original-repo key layouts to timm's (OpenAI's `proj` becomes `head.weight`)
+    family = sys.modules[type(backbone.model).__module__]
+    if backbone.is_vit and callable(getattr(family, "checkpoint_filter_fn", None)):
+        state = family.checkpoint_filter_fn(state, backbone.model)
+    head = _linear_from(state, "head.")
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # the encoder is built without it
     try:
         backbone.model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise EncoderLoadError(f"{path} does not match timm model {model_name}: {str(e)[:500]}") from e
-    return backbone.eval()
+    return backbone.eval(), head

@@ -7,7 +7,16 @@ gradient, commitment loss `beta * ||z - sg(e)||^2`, EMA codebook of its appendix
 
 The codebook is learnt by exponential moving averages of the vectors assigned to each code, not by
 gradients, so it lives in buffers (the optimizer never sees it) and the only loss is the commitment
-term. Codebooks easily collapse onto a few codes ("dead codes": never nearest to any input, so
+term. Two update rules (`update`):
+
+* "norm_ema", BEiT v2's `NormEMAVectorQuantizer` (`norm_ema_inplace`): each code used in the batch
+  moves towards the l2-normalised mean of the vectors assigned to it, and is renormalised,
+  `e <- l2norm(d * e + (1 - d) * l2norm(sum_i z_i / n))`: every used code moves by the same
+  fraction whatever its count (the VQ-KD default; needs `l2_norm`);
+* "ema", VQ-VAE's (van den Oord et al. 2017, appendix; VQ-VAE-2): EMAs of the counts N and of the
+  sums m of assigned vectors, `e <- m / N` (l2-normalised when `l2_norm`): a code's update is
+  weighted by how many vectors it received over time (the pixel tokenizer's rule here).
+ Codebooks easily collapse onto a few codes ("dead codes": never nearest to any input, so
 never updated, so never chosen). Three remedies, all optional:
 
 * l2-normalised inputs and codes (BEiT v2): the lookup is by cosine similarity, so a code cannot be
@@ -45,6 +54,7 @@ class VectorQuantizer(nn.Module):
         code_dim: int = 32,
         beta: float = 1.0,
         decay: float = 0.99,
+        update: str = "ema",
         l2_norm: bool = True,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
@@ -53,6 +63,11 @@ class VectorQuantizer(nn.Module):
         eps: float = 1e-5,
     ) -> None:
         super().__init__()
+        if update not in ("norm_ema", "ema"):
+            raise ValueError(f"method.codebook_update must be 'norm_ema' or 'ema', got {update!r}")
+        if update == "norm_ema" and not l2_norm:
+            raise ValueError("the norm_ema codebook update keeps unit-norm codes: it needs l2_norm=True")
+        self.update = update
         self.num_codes, self.code_dim, self.beta, self.decay = num_codes, code_dim, beta, decay
         self.l2_norm, self.kmeans_init, self.kmeans_iters = l2_norm, kmeans_init, kmeans_iters
         self.restart_dead_codes, self.dead_code_threshold, self.eps = restart_dead_codes, dead_code_threshold, eps
@@ -128,10 +143,14 @@ class VectorQuantizer(nn.Module):
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> int:
         sums = vdist.all_reduce_sum(torch.zeros_like(self.embed_sum).index_add_(0, codes, flat))  # one-hot^T z
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        new = self.embed_sum / (self.cluster_size + self.eps)[:, None]
-        if self.l2_norm:
-            new = F.normalize(new, dim=-1)
+        if self.update == "norm_ema":
+            batch_mean = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+            new = F.normalize(self.decay * self.codebook + (1 - self.decay) * batch_mean, dim=-1)
+        else:
+            self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            new = self.embed_sum / (self.cluster_size + self.eps)[:, None]
+            if self.l2_norm:
+                new = F.normalize(new, dim=-1)
         self.codebook.copy_(torch.where((counts > 0)[:, None], new, self.codebook))
         if not self.restart_dead_codes:
             return 0
@@ -203,4 +222,5 @@ class VectorQuantizer(nn.Module):
         return self.codebook[codes]
 
     def extra_repr(self) -> str:
-        return f"num_codes={self.num_codes}, code_dim={self.code_dim}, l2_norm={self.l2_norm}, decay={self.decay}"
+        return (f"num_codes={self.num_codes}, code_dim={self.code_dim}, l2_norm={self.l2_norm}, decay={self.decay}, "
+                f"update={self.update}")
