@@ -172,3 +172,57 @@ def test_vqkd_paper_config():
 def test_the_pixel_tokenizer_keeps_its_own_codebook_and_decoder():
     m = compose_cfg(["method=vq_tokenizer", "~recipe"]).method
     assert (m.codebook_update, m.decoder, m.restart_dead_codes) == ("ema", "mae", True)
+
+
+# --- the EVA-02 student: timm's Eva behind the Backbone's token API ---
+
+def _eva02(**kw) -> Backbone:
+    torch.manual_seed(0)
+    return Backbone("eva02_tiny_patch14_224", img_size=28, patch_size=7, in_chans=1,
+                    model_kwargs=dict(depth=2, global_pool="token"), **kw).eval()
+
+
+def test_eva02_backbone_tokens_match_timms_forward_and_take_a_mask_token():
+    bb = _eva02(mask_token=True)
+    assert bb.is_vit and bb.patch_size == 7 and bb.num_prefix_tokens == 1
+    assert type(bb.model.blocks[0].mlp).__name__ in ("SwiGLU", "GluMlp") and bb.model.rope is not None  # SwiGLU, RoPE
+    x = torch.randn(2, 1, 28, 28)
+    out = bb.forward_tokens(x)
+    with torch.no_grad():
+        full = bb.model.forward_features(x)  # timm's own forward: [CLS] + 16 patches after the final norm
+    assert torch.allclose(out["patch"], full[:, 1:], atol=1e-5) and torch.allclose(out["global"], bb(x), atol=1e-5)
+    none = torch.zeros(2, 16, dtype=torch.bool)
+    assert torch.allclose(bb.forward_tokens(x, mask=none)["patch"], out["patch"], atol=1e-6)
+    # masking: the mask token replaces the patch embedding before the position embeddings (as the official
+    # forward_features), so a masked image equals the same forward on patch embeddings set to the token
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, :5] = True
+    m = bb.model
+    with torch.no_grad():
+        t = m.patch_embed(x)
+        t[mask] = bb.mask_token[0, 0]
+        t, rope = m._pos_embed(t)
+        for block in m.blocks:
+            t = block(t, rope=rope)
+        expected = m.norm(t)[:, 1:]
+    assert torch.allclose(bb.forward_tokens(x, mask=mask)["patch"], expected, atol=1e-5)
+
+
+def test_eva02_student_trains_with_eva(mim_artifacts):
+    from vfm.data.masking import sample_masks
+    from vfm.methods.eva import EVA
+
+    student = _eva02().train()
+    m = EVA(student, teacher=str(mim_artifacts["teacher"]), teacher_normalize="dataset")
+    x = torch.randn(3, 1, 28, 28)
+    mask = sample_masks(3, 4, ratio_range=(0.4, 0.4), mask_probability=1.0, generator=torch.Generator().manual_seed(0),
+                        min_num_patches=1)
+    out = m.training_step({"crops": [x], "masks": [mask]}, 0, {})
+    out["loss"].backward()
+    assert student.model.blocks[0].attn.proj.weight.grad.abs().sum() > 0 and student.mask_token.grad is not None
+
+
+def test_eva02_base_backbone_config_is_timms_eva02_b():
+    cfg = compose_cfg(["method=eva02", "method.teacher=x", "backbone=eva02_base", "~recipe"])
+    b = cfg.backbone
+    assert (b.name, b.patch_size, b.drop_path_rate, b.model_kwargs.global_pool) == ("eva02_base_patch14_224", 14, 0.0, "token")
