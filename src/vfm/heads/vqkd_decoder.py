@@ -71,6 +71,10 @@ class VQKDDecoder(nn.Module):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters VQ-KD's optimizer leaves without weight decay (`VQKD.no_weight_decay`)."""
+        return {"cls_token", "pos_embed"}
+
     def forward(self, z_q: Tensor, grid: tuple[int, int]) -> Tensor:
         if self._attn_device != z_q.device.type:
             select_attention(self.blocks, self.attn_impl, z_q.device.type)

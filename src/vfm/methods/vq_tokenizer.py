@@ -88,6 +88,9 @@ class VQTokenizer(Method):
         if decoder not in ("beit2", "mae"):
             raise ValueError(f"method.decoder must be 'beit2' or 'mae', got {decoder!r}")
         self.target = target
+        # VQ-KD's create_optimizer skips no_weight_decay(): the encoder's and decoder's [CLS] and
+        # positions; the pixel tokenizer (not a paper recipe) keeps the project's default
+        self.token_weight_decay = target != "features"
         self.tokenizer = Tokenizer(backbone, num_codes=num_codes, code_dim=code_dim, update=codebook_update,
                                    decay=decay, beta=beta, kmeans_init=kmeans_init,
                                    restart_dead_codes=restart_dead_codes, dead_code_threshold=dead_code_threshold)
