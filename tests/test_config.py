@@ -22,11 +22,13 @@ from vfm.methods.dino import DINO
 GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "experiment"]
 NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
                ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root",
+               ("experiment", "dinov2_vit_large_imagenet"): "dataset.root",
                ("dataset", "image_text_csv"): "dataset.train_csv", ("dataset", "webdataset"): "dataset.urls",
                ("method", "clip"): "dataset=fashion_mnist_captions", ("method", "siglip"): "dataset=fashion_mnist_captions",
                ("method", "beit"): "method.tokenizer", ("method", "vqkd"): "method.teacher",
                ("method", "eva"): "method.teacher", ("method", "eva02"): "method.teacher",
-               ("method", "distill"): "method.teacher"}
+               ("experiment", "beit_base_imagenet"): "method.tokenizer", ("method", "distill"): "method.teacher"}
+EXPERIMENT_FILES = {"beit_base_imagenet": ["method.tokenizer=."]}  # existing paths; the files are read later
 
 
 def _options(group: str) -> list[str]:
@@ -60,7 +62,7 @@ def _selecting_experiment(recipe: str) -> str | None:
 def test_each_recipe_composes_with_its_dataset(recipe, tmp_path):
     experiment = _selecting_experiment(recipe)
     if experiment is not None:  # an explicit recipe: composed through the experiment that selects it
-        cfg = compose_cfg([f"experiment={experiment}", "dataset.root=."], tmp_path)
+        cfg = compose_cfg([f"experiment={experiment}", "dataset.root=.", *EXPERIMENT_FILES.get(experiment, [])], tmp_path)
         validate_pretrain(cfg)
         return
     kind = max((m for m in ["eval", *_options("method")] if recipe.startswith(m + "_")), key=len)

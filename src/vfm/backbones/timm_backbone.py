@@ -5,6 +5,8 @@ A `Backbone` wraps any timm model created with `num_classes=0`:
   num_classes=0, ...)(x)` returns, so exported weights load back into timm and give the same output;
 - `forward_tokens(x, mask=None)` returns the global feature and the patch tokens, optionally with
   masked patch embeddings replaced by a learnable mask token (BEiT / iBOT / EVA);
+  timm's `VisionTransformer` family and its `Beit` family (relative position bias, shared or per
+  block, no absolute position embedding, LayerScale: BEiT's pretraining architecture) both have it;
 - `forward_visible(x, ids_keep)` encodes only the kept patches (MAE: the encoder never sees the
   masked ones, which is where its speed comes from);
 - `embed_dim`, `patch_size`, `num_prefix_tokens` and `has_patch_tokens` describe it.
@@ -22,6 +24,8 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from vfm.backbones.beit_init import beit_init_, trunc_normal_sigma_
+from vfm.backbones.eva import eva_forward_tokens
 from vfm.io import atomic_write
 
 _META_KEY = "vfm_backbone"
@@ -46,7 +50,8 @@ class Backbone(nn.Module):
         patch_size: patch size (ViTs only).
         in_chans: input channels (1 for grayscale data).
         drop_path_rate: stochastic depth rate.
-        mask_token: create a learnable mask token for `forward_tokens(x, mask)`.
+        mask_token: create a learnable mask token for `forward_tokens(x, mask)` (zeros; methods call
+            `enable_mask_token` with their own initialisation).
         attn_impl: "fused" (scaled_dot_product_attention), "manual" (softmax(QK^T)V in plain ops) or
             "auto": fused on GPU, manual on CPU, where PyTorch's fused CPU kernels are slower for the
             short token sequences of small images (measured in `make bench`).
@@ -54,7 +59,10 @@ class Backbone(nn.Module):
         grad_checkpointing: recompute each transformer block's activations in the backward pass
             instead of storing them (activation checkpointing): much less activation memory for
             large ViTs, for about one more forward pass of compute. Training only.
-        model_kwargs: any further `timm.create_model` keyword (e.g. `depth`, `embed_dim`, `reg_tokens`).
+        model_kwargs: any further `timm.create_model` keyword (e.g. `depth`, `embed_dim`, `reg_tokens`;
+            for `beit_*`: `use_abs_pos_emb`, `use_rel_pos_bias`, `use_shared_rel_pos_bias`, `init_values`).
+        weight_init: "timm" (timm's own initialisation) or "beit" (BEiT's pretraining initialisation:
+            std-0.02 normals truncated at +-1 std, then `fix_init_weight`; `vfm.backbones.beit_init`).
     """
 
     def __init__(
@@ -70,17 +78,21 @@ class Backbone(nn.Module):
         pretrained: bool = False,
         grad_checkpointing: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        weight_init: str = "timm",
     ) -> None:
         super().__init__()
         kwargs: dict[str, Any] = dict(model_kwargs or {})
-        self.is_vit = _is_vit(name)
+        self.family = _family(name)
+        self.is_vit = self.family is not None
         if self.is_vit:
             if img_size is not None:
                 kwargs["img_size"] = img_size
             if patch_size is not None:
                 kwargs["patch_size"] = patch_size
+        if self.family == "vit":
             # Multi-crop feeds several resolutions through one network: interpolate the position
-            # embedding on the fly instead of fixing the grid to `img_size`.
+            # embedding on the fly instead of fixing the grid to `img_size` (timm's Beit has no such
+            # option: its relative position tables are built for one grid).
             kwargs.setdefault("dynamic_img_size", True)
         kwargs.update(in_chans=in_chans, drop_path_rate=drop_path_rate)
         if attn_impl not in ("auto", "fused", "manual"):
@@ -90,6 +102,12 @@ class Backbone(nn.Module):
         self.name = name
         self.create_kwargs = kwargs  # what timm.create_model needs to rebuild the exported weights
         self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        if weight_init not in ("timm", "beit"):
+            raise ValueError(f"backbone.weight_init must be 'timm' or 'beit', got {weight_init!r}")
+        if weight_init == "beit" and not pretrained:
+            if not self.is_vit:
+                raise ValueError(f"backbone.weight_init=beit needs a ViT or BEiT, got {name!r}; use weight_init=timm")
+            beit_init_(self.model)
         self.embed_dim: int = int(self.model.num_features)
         if self.is_vit:
             p = self.model.patch_embed.patch_size
@@ -101,17 +119,21 @@ class Backbone(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)  # timm's own forward (CNNs, `forward`)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim)) if mask_token and self.is_vit else None
-        if self.mask_token is not None:
-            nn.init.normal_(self.mask_token, std=0.02)
+        self.mask_token: nn.Parameter | None = None
+        if mask_token and self.is_vit:
+            self.enable_mask_token()
 
-    def enable_mask_token(self) -> None:
-        """Create the learnable mask token (for methods that mask patches: iBOT, DINOv2, BEiT, EVA)."""
+    def enable_mask_token(self, std: float = 0.0) -> None:
+        """Create the learnable mask token [1, 1, D] (for methods that mask patches) if there is none.
+
+        `std` 0 gives zeros, as iBOT (`masked_embed`) and DINOv2 (`mask_token`) start it; `std` > 0
+        a normal truncated at +-std, as BEiT and EVA-01 start theirs (`trunc_normal_(std=.02)`)."""
         if not self.is_vit:
             raise ValueError(f"backbone {self.name!r} has no patch tokens to mask; use a ViT (e.g. backbone=vit_small)")
         if self.mask_token is None:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
-            nn.init.normal_(self.mask_token, std=0.02)
+            if std > 0:
+                trunc_normal_sigma_(self.mask_token.data, std)
 
     def use_fixed_sincos_pos_embed(self) -> None:
         """Replace the learnt position embedding with MAE's fixed 2-D sin-cos one (zeros for prefix
@@ -135,11 +157,18 @@ class Backbone(nn.Module):
 
     def _blocks(self, t: torch.Tensor) -> torch.Tensor:
         """The transformer blocks, each checkpointed when `grad_checkpointing` and gradients are on
-        (non-reentrant: drop path draws the same random numbers when the block is recomputed)."""
-        if not (self.grad_checkpointing and self.training and torch.is_grad_enabled()):
-            return self.model.blocks(t)
+        (non-reentrant: drop path draws the same random numbers when the block is recomputed).
+        BEiT's blocks also take the relative position bias shared by all of them (if any)."""
+        kwargs: dict[str, Any] = {}
+        if self.family == "beit":
+            shared = self.model.rel_pos_bias
+            kwargs["shared_rel_pos_bias"] = shared() if shared is not None else None
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.model.blocks:
-            t = torch.utils.checkpoint.checkpoint(block, t, use_reentrant=False)
+            if checkpointed:
+                t = torch.utils.checkpoint.checkpoint(block, t, use_reentrant=False, **kwargs)
+            else:
+                t = block(t, **kwargs)
         return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +184,8 @@ class Backbone(nn.Module):
         """
         if not self.is_vit:
             raise ValueError(f"backbone {self.name!r} has no patch tokens; use a ViT (e.g. backbone=vit_small)")
+        if self.family == "eva":
+            return eva_forward_tokens(self, x, mask)
         self._select_attention(x.device)
         m = self.model
         t = m.patch_embed(x)  # [B, H, W, D] with dynamic_img_size, else [B, N, D]
@@ -164,7 +195,11 @@ class Backbone(nn.Module):
             flat = t.reshape(t.shape[0], -1, t.shape[-1])
             flat = torch.where(mask.reshape(t.shape[0], -1, 1), self.mask_token.to(flat.dtype), flat)
             t = flat.reshape(t.shape)
-        t = m.norm_pre(m.patch_drop(m._pos_embed(t)))
+        if self.family == "beit":  # timm Beit.forward_features after its patch embedding
+            t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+            t = m.pos_drop(t if m.pos_embed is None else t + m.pos_embed)
+        else:
+            t = m.norm_pre(m.patch_drop(m._pos_embed(t)))
         t = m.norm(self._blocks(t))
         return {
             "global": m.forward_head(t, pre_logits=True),
@@ -179,8 +214,8 @@ class Backbone(nn.Module):
         every token carries its true position; the prefix tokens ([CLS], registers) always stay.
         Returns {"tokens": [B, P + K, D] (prefix first, after the final norm), "global": [B, D]}.
         """
-        if not self.is_vit:
-            raise ValueError(f"backbone {self.name!r} has no patch tokens; use a ViT (e.g. backbone=vit_small)")
+        if self.family != "vit":
+            raise ValueError(f"backbone {self.name!r} cannot encode a subset of patches; use a timm ViT (e.g. backbone=vit_small)")
         self._select_attention(x.device)
         m, p = self.model, self.num_prefix_tokens
         t = m._pos_embed(m.patch_embed(x))  # [B, P + N, D]
@@ -259,12 +294,22 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return emb.float()
 
 
-def _is_vit(name: str) -> bool:
-    """True for timm's `VisionTransformer` family (the models with the token API used here)."""
+def _family(name: str) -> str | None:
+    """"vit" for timm's `VisionTransformer` family, "beit" for its `Beit` family (the models with the
+    token API used here), None for any other model (global feature only)."""
     if not timm.models.is_model(name):
         raise ValueError(f"unknown timm model {name!r}; see timm.list_models() for the available names")
     module = timm.models.model_entrypoint(name).__module__
-    return module in ("timm.models.vision_transformer", "timm.models.deit")
+    if module in ("timm.models.vision_transformer", "timm.models.deit"):
+        return "vit"
+    if module == "timm.models.eva":  # EVA-01/EVA-02: rotary embeddings, see vfm.backbones.eva
+        return "eva"
+    return "beit" if module == "timm.models.beit" else None
+
+
+def _is_vit(name: str) -> bool:
+    """True for the timm models with patch tokens and the token API (`_family` is not None)."""
+    return _family(name) is not None
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

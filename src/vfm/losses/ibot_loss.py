@@ -15,7 +15,9 @@ unmasked. For image b with patch outputs s_bi (student) and t_bi (teacher), i = 
 i.e. the cross-entropy averaged over each image's masked patches, then over *all* B images of the
 batch: an image without masked patches contributes l_b = 0 but still counts in the 1 / B (as in the
 official code, `loss2.mean()` over the batch after the per-image `/ mask.sum(-1).clamp(min=1)`).
-With iBOT's/DINOv2's mask probability 0.5 this roughly halves the loss compared with averaging over masked
+Half of the global crops are masked in iBOT's ViT-S/16 run (`--pred_ratio 0 0.3 --pred_ratio_var
+0 0.2`: ratio 0 or U(0.1, 0.5) per crop, `method.masking.mask_probability: 0.5`) and in DINOv2
+(`mask_probability: 0.5`), so this roughly halves the loss compared with averaging over masked
 images only; the paper's loss weight lambda_2 = 1 is tuned with this convention.
 
 The center is the patch-token analogue of DINO's: c <- m c + (1 - m) mean(t), the mean over all

@@ -52,7 +52,7 @@ class EVA(Method):
         super().__init__()
         if loss_on not in ("masked", "all"):
             raise ValueError(f"method.loss_on must be 'masked' or 'all', got {loss_on!r}")
-        backbone.enable_mask_token()
+        backbone.enable_mask_token(std=0.02)  # EVA-01: trunc_normal_(std=.02) cut at +-std
         self.backbone = backbone
         self.loss_on = loss_on
         self.teacher = Teacher(teacher, model_name=teacher_model, normalize=teacher_normalize,

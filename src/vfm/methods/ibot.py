@@ -5,9 +5,11 @@ bytedance/ibot (`main_ibot.py`, `models/head.py`).
 
 DINO's self-distillation on the [CLS] token across views, plus self-distillation on patch tokens:
 the student sees the global crops with blockwise-masked patches (replaced by the backbone's mask
-token) and predicts, at every masked position, the teacher's output for the *unmasked* patch of
-the same view. The teacher (the "online tokenizer") is the EMA of the student. Local crops are not
-masked and take part in the [CLS] loss only.
+token, which starts at zero) and predicts, at every masked position, the teacher's output for the
+*unmasked* patch of the same view. In the official ViT-S/16 run half of the global crops, drawn
+independently, are not masked at all (`method.masking`: ratio 0 or U(0.1, 0.5)). The teacher
+(the "online tokenizer") is the EMA of the student. Local crops are not masked and take part in
+the [CLS] loss only.
 
     L = lambda_cls * L_cls + lambda_patch * L_patch
     L_cls   = DINO loss between teacher [CLS] of the global views and student [CLS] of all other views
@@ -94,7 +96,7 @@ class iBOT(Method):
         n_global_crops: int = 2,
     ) -> None:
         super().__init__()
-        backbone.enable_mask_token()
+        backbone.enable_mask_token()  # zeros, as the official `masked_embed`
         embed_dim = int(backbone.embed_dim)
 
         def make_head(k: int) -> DINOHead:
