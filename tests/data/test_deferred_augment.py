@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from vfm.data.collate import Collate, ImageTextCollate, MultiCropCollate, SupervisedCollate
+from vfm.data.collate import _ERASING_SALT, Collate, ImageTextCollate, MultiCropCollate, SupervisedCollate
+from vfm.data.erasing import random_erasing
 from vfm.data.masking import sample_masks
-from vfm.data.transforms import MultiCropAugmentation
+from vfm.data.transforms import MultiCropAugmentation, normalize
 
 BATCH = 8
 SEED = 2**62 + 12345  # batch seeds are 63-bit: this one must survive the deferred batch intact
@@ -132,8 +133,8 @@ def _move(x: Any, device: str | torch.device) -> Any:
 
 
 def _reference(collate: Any, samples: list[tuple]) -> dict[str, Any]:
-    """The collates as they were written before deferral, in one pass: the plain ``__call__`` is
-    now deferred + finish, so the bitwise test alone could not catch a change that both share
+    """The collates in one pass, as they would be written without deferral: the plain ``__call__`` is
+    deferred + finish, so the bitwise test alone could not catch a change that both share
     (e.g. Mixup re-seeded instead of continuing from RandAugment's draws)."""
     from PIL import Image
 
@@ -152,18 +153,26 @@ def _reference(collate: Any, samples: list[tuple]) -> dict[str, Any]:
             out["masks"] = [collate.masking(batch_size=len(labels), grid_size=grid, generator=g)
                             for _ in range(collate.augment.n_global)]
         return out
+    # DeiT's order (timm create_transform): crop + flip, RandAugment on the crop, normalise, erase; then Mixup
     states = random.getstate(), np.random.get_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     try:
+        aug = collate.augment
         if collate.randaugment is not None:
+            views = aug(images, torch.Generator().manual_seed(seed), normalize=False)[0]
             out_imgs = []
-            for img in images:
+            for img in views.mul(255).round().to(torch.uint8):
                 arr = img.permute(1, 2, 0).numpy()
                 res = np.asarray(collate.randaugment(Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)))
                 out_imgs.append(torch.from_numpy(res.copy()).reshape(arr.shape).permute(2, 0, 1))
-            images = torch.stack(out_imgs)
-        crops = collate.augment(images, torch.Generator().manual_seed(seed))
+            x = normalize(torch.stack(out_imgs), aug.mean, aug.std)
+        else:
+            x = aug(images, torch.Generator().manual_seed(seed))[0]
+        if collate.erasing > 0:
+            x = random_erasing(x, torch.Generator().manual_seed(seed ^ _ERASING_SALT), probability=collate.erasing,
+                               mode=collate.erasing_mode, max_count=collate.erasing_count)
+        crops = [x]
         if collate.mixup is not None:
             x, target = collate.mixup(crops[0], labels)
             crops = [x]

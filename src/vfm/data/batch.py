@@ -10,7 +10,6 @@ collate                     keys
 ``MultiCropCollate``        ``crops``, ``label`` (+ ``masks`` with a masking function)
 ``SupervisedCollate``       ``crops`` (one, mixed), ``label``, ``target``
 ``ImageTextCollate``        ``crops``, ``text``, ``captions``, ``label``
-``MultiBlockCollate``       ``crops`` (one), ``label``, ``context_ids``, ``target_ids`` (I-JEPA)
 any of them, ``deferred()`` ``images``, ``seed``, ``label`` (+ ``mix_rng``, ``text``, ``captions``)
 ==========================  ===================================================================
 
@@ -48,16 +47,17 @@ class Batch(TypedDict, total=False):
     - ``text``: the tokenized captions, token ids int64 ``[B, L]``, or a dict of such tensors
       (ids, attention mask) for tokenizers that return one (CLIP).
     - ``captions``: ``list[str]`` of length ``B``, the raw captions (logging, visualisation).
-    - ``context_ids``, ``target_ids``: int64 ``[n_blocks, B, K]``, I-JEPA's context and target
-      blocks as row-major patch indices (:mod:`vfm.data.multiblock`), ``K`` patches per block.
 
     Keys of a deferred batch (built by ``collate.deferred()`` in the loader workers, replaced by
     ``crops`` / ``masks`` / ``target`` in ``collate.finish``):
 
-    - ``images``: uint8 ``[B, C, H, W]``, the decoded (for supervised training: RandAugmented)
-      images, not yet cropped or normalised.
+    - ``images``: uint8 ``[B, C, H, W]``, the decoded images, not yet cropped or normalised (for
+      supervised training with RandAugment: the cropped, flipped, RandAugmented views).
     - ``seed``: ``int``, the batch seed from :class:`vfm.data.sampler.SeededBatchSampler`; the
       augmentation and masks are drawn from ``torch.Generator().manual_seed(seed)``.
+    - ``sizes``: ``list[tuple[int, int]]``, each image's ``(h, w)`` when the images of the batch
+      differ in size (whole image files); ``images`` is then a canvas holding each at its top left
+      (:func:`vfm.data.collate.stack_images`). Absent when they all have one size.
     - ``mix_rng``: the Python and NumPy global generator states RandAugment left
       (:data:`vfm.rng.GlobalRngState`), which Mixup/CutMix continue from (supervised training
       with Mixup or CutMix only).
@@ -69,8 +69,7 @@ class Batch(TypedDict, total=False):
     target: Tensor
     text: Tensor | dict[str, Tensor]
     captions: list[str]
-    context_ids: Tensor
-    target_ids: Tensor
     images: Tensor
     seed: int
+    sizes: list[tuple[int, int]]
     mix_rng: GlobalRngState

@@ -26,10 +26,33 @@ import torch
 from torch import Tensor
 
 from vfm.data.batch import Batch
-from vfm.data.transforms import MultiCropAugmentation
+from vfm.data.erasing import random_erasing
+from vfm.data.transforms import MultiCropAugmentation, normalize
 from vfm.rng import global_rng, global_rng_state
 
-__all__ = ["Collate", "ImageTextCollate", "MultiCropCollate", "SupervisedCollate"]
+__all__ = ["Collate", "ImageTextCollate", "MultiCropCollate", "SupervisedCollate", "stack_images"]
+
+# Random erasing draws from its own generator (seed XOR this), so the crops keep their stream.
+_ERASING_SALT = 0x5EED_E8A5E
+
+
+def stack_images(images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]] | None]:
+    """uint8 images ``[C, h_i, w_i]`` -> one batch ``[B, C, H, W]`` and each image's ``(h, w)``.
+
+    Images of one size are stacked as they are (sizes None). Otherwise each goes to the top left of
+    an ``H x W`` canvas (the largest height and width) whose rest repeats the image's last column
+    and row, so a crop box touching the image's edge resamples the edge, as at the canvas border.
+    """
+    if len({tuple(im.shape) for im in images}) <= 1:
+        return torch.stack(list(images)), None
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    canvas = images[0].new_empty((len(images), images[0].shape[0], height, width))
+    for out, im, (h, w) in zip(canvas, images, sizes):
+        out[:, :h, :w] = im
+        out[:, :h, w:] = im[:, :, w - 1 : w]
+        out[:, h:, :] = out[:, h - 1 : h, :]
+    return canvas, sizes
 
 
 def _batch_seed_of(samples: Sequence[tuple[Any, ...]], who: str, fields: str) -> int:
@@ -49,14 +72,23 @@ def _batch_seed_of(samples: Sequence[tuple[Any, ...]], who: str, fields: str) ->
     return int(seed)
 
 
-def _stack_samples(samples: Sequence[tuple[Any, ...]], who: str) -> tuple[Tensor, Tensor, int]:
-    """uint8 images ``[B,C,H,W]``, int64 labels ``[B]`` and the batch seed of seeded samples.
+def _stack_samples(samples: Sequence[tuple[Any, ...]], who: str) -> tuple[Tensor, Tensor, int, Batch]:
+    """uint8 images ``[B,C,H,W]``, int64 labels ``[B]``, the batch seed of seeded samples and
+    ``{"sizes": ...}`` when the images differ in size (:func:`stack_images`), else ``{}``.
     An image-text sample's caption is dropped: an image-only method trains on its image."""
     samples = [(s[0], s[2], s[3]) if len(s) == 4 else s for s in samples]  # (image, caption, label, seed)
     seed = _batch_seed_of(samples, who, "(image, label, seed)")
-    images = torch.stack([s[0] for s in samples])
+    images, sizes = stack_images([s[0] for s in samples])
     labels = torch.tensor([int(s[1]) for s in samples], dtype=torch.int64)
-    return images, labels, seed
+    return images, labels, seed, ({} if sizes is None else {"sizes": sizes})
+
+
+def _augment(augment: Callable[..., list[Tensor]], images: Tensor, generator: torch.Generator, batch: Batch,
+             **kwargs: Any) -> list[Tensor]:
+    """``augment(images, generator)``, told each image's size when they differ (``batch["sizes"]``)."""
+    if "sizes" in batch:
+        kwargs["sizes"] = batch["sizes"]
+    return augment(images, generator, **kwargs)
 
 
 def _is_deferred_batch(batch: Any) -> bool:
@@ -87,6 +119,9 @@ class Collate:
 
     #: Whether ``deferred()`` works (``trainer.augment_on_device=true`` needs it).
     can_defer: ClassVar[bool] = True
+    #: How often each image appears per global batch (repeated augmentation, DeiT's ``RASampler``);
+    #: the training loader's sampler reads it (:mod:`vfm.data.sampler`). 1: every image once.
+    repeats: int = 1
     # A class attribute, so collates pickled before deferral existed unpickle as not deferred.
     _deferred: bool = False
 
@@ -164,13 +199,13 @@ class MultiCropCollate(Collate):
         self.augment, self.masking, self.patch_size = augment, masking, patch_size
 
     def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> Batch:
-        images, labels, seed = _stack_samples(samples, "MultiCropCollate")
-        return {"images": images, "seed": seed, "label": labels}
+        images, labels, seed, sizes = _stack_samples(samples, "MultiCropCollate")
+        return {"images": images, "seed": seed, "label": labels, **sizes}
 
     def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         generator = torch.Generator().manual_seed(seed)
         labels = batch["label"]
-        out: Batch = {"crops": self.augment(images, generator), "label": labels}
+        out: Batch = {"crops": _augment(self.augment, images, generator, batch), "label": labels}
         if self.masking is not None:
             grid = self.augment.global_crop_size // self.patch_size
             out["masks"] = [
@@ -181,72 +216,96 @@ class MultiCropCollate(Collate):
 
 
 class SupervisedCollate(Collate):
-    """Collate for supervised pretraining (DeiT recipe): per-image RandAugment (timm, on PIL images),
-    the batched crop/flip/normalise of `augment`, then Mixup/CutMix with label smoothing (timm `Mixup`).
+    """Collate for supervised pretraining, DeiT's training transform on a batch (timm
+    ``create_transform`` as facebookresearch/deit ``datasets.py`` builds it): RandomResizedCrop and
+    flip (`augment`, drawn from the batch seed), per-image RandAugment (timm, on the uint8 crops as
+    PIL images), normalisation, random erasing (:func:`vfm.data.erasing.random_erasing`), then
+    Mixup/CutMix with label smoothing (timm `Mixup`, in DeiT's training loop).
 
     timm draws from Python's `random` and NumPy's global generators; both are seeded from the batch
     seed inside a saved-and-restored state, so the batch is reproducible and independent of
     `num_workers`, and the training process's own random streams are untouched.
     Returns ``{"crops": [float [B, C, s, s]], "label": int64 [B], "target": float [B, K]}``.
 
-    ``deferred()`` returns a copy that still runs RandAugment (PIL, CPU only) in the workers and
-    yields ``{"images": uint8 [B, C, H, W] (RandAugmented), "seed": int, "label": int64 [B]}``,
+    ``repeats`` is the repeated augmentation of DeiT's ``RASampler`` (each image ``repeats`` times
+    per global batch, see :mod:`vfm.data.sampler`); the training loader reads it from here.
+
+    ``deferred()`` returns a copy whose workers crop, flip and RandAugment (PIL, CPU only) and yield
+    ``{"images": uint8 [B, C, s, s] (the augmented crops), "seed": int, "label": int64 [B]}``,
     plus ``"mix_rng"`` with Mixup/CutMix: the Python and NumPy global generator states that
-    RandAugment left, which Mixup continues from in the plain collate. ``finish(batch)`` crops,
-    mixes and builds the soft targets on the batch's device.
+    RandAugment left, which Mixup continues from in the plain collate. ``finish(batch)``
+    normalises, erases, mixes and builds the soft targets on the batch's device. Without
+    RandAugment the crop itself waits for ``finish``, as in the other collates.
     """
 
     def __init__(self, augment: MultiCropAugmentation, *, num_classes: int, label_smoothing: float = 0.1,
                  mixup: float = 0.8, cutmix: float = 1.0, mixup_prob: float = 1.0, mixup_switch_prob: float = 0.5,
-                 randaugment: str | None = "rand-m9-mstd0.5-inc1-mmax9") -> None:
+                 randaugment: str | None = "rand-m9-mstd0.5-inc1-mmax9", erasing: float = 0.25,
+                 erasing_mode: str = "pixel", erasing_count: int = 1, repeats: int = 1) -> None:
         from timm.data import Mixup, rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
 
         self.augment, self.num_classes, self.label_smoothing = augment, num_classes, label_smoothing
+        self.erasing, self.erasing_mode, self.erasing_count = float(erasing), erasing_mode, int(erasing_count)
+        self.repeats = int(repeats)
         self.mixup = None
         if mixup > 0 or cutmix > 0:
             self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob,
                                label_smoothing=label_smoothing, num_classes=num_classes)
         self.randaugment = None
         if randaugment:
-            # img_mean: the fill colour of geometric ops (timm passes the dataset mean as 0-255 ints)
-            fill = tuple(int(round(255 * m)) for m in augment.mean)
-            self.randaugment = rand_augment_transform(randaugment, {"translate_const": 0.45, "img_mean": fill})
+            # as timm's transforms_imagenet_train: img_mean is the fill colour of geometric ops (the
+            # dataset mean in 0-255), interpolation the crop's (DeiT: bicubic)
+            fill = tuple(min(255, round(255 * m)) for m in augment.mean)
+            hparams = {"translate_const": int(augment.global_crop_size * 0.45), "img_mean": fill,
+                       "interpolation": str_to_pil_interp(getattr(augment, "interpolation", "bicubic"))}
+            self.randaugment = rand_augment_transform(randaugment, hparams)
+
+    def _crop(self, images: Tensor, seed: int, batch: Batch, normalize: bool) -> Tensor:
+        """RandomResizedCrop + flip of every image (the only view of `augment`), from the batch seed."""
+        return _augment(self.augment, images, torch.Generator().manual_seed(seed), batch, normalize=normalize)[0]
 
     def _deferred_batch(self, samples: Sequence[tuple[Tensor, int, int]]) -> Batch:
         from PIL import Image
 
-        images, labels, seed = _stack_samples(samples, "SupervisedCollate")
+        images, labels, seed, sizes = _stack_samples(samples, "SupervisedCollate")
         if self.mixup is not None and len(labels) % 2:
             raise ValueError(f"Mixup needs an even per-process batch size, got {len(labels)}")
-        mix_rng = None
+        batch: Batch = {"seed": seed, "label": labels, **sizes}
         with global_rng(seed=seed):
             if self.randaugment is not None:
+                # RandAugment sees the crop, as in timm's transform (crop, flip, RandAugment, ...)
+                crops = self._crop(images, seed, batch, normalize=False).mul_(255).round_().to(torch.uint8)
                 out = []
-                for img in images:
+                for img in crops:
                     arr = img.permute(1, 2, 0).numpy()
                     pil = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
                     res = np.asarray(self.randaugment(pil))
                     out.append(torch.from_numpy(res.copy()).reshape(arr.shape).permute(2, 0, 1))
                 images = torch.stack(out)
+                batch.pop("sizes", None)  # cropped: every image is now s x s
             if self.mixup is not None:
-                mix_rng = global_rng_state()
-        batch: Batch = {"images": images, "seed": seed, "label": labels}
-        if mix_rng is not None:
-            batch["mix_rng"] = mix_rng
+                batch["mix_rng"] = global_rng_state()
+        batch["images"] = images
         return batch
 
     def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         labels = batch["label"]
-        crops = self.augment(images, torch.Generator().manual_seed(seed))
+        if self.randaugment is not None:  # already cropped and RandAugmented in the workers
+            x = normalize(images, self.augment.mean, self.augment.std)
+        else:
+            x = self._crop(images, seed, batch, normalize=True)
+        if self.erasing > 0:  # after normalisation, as timm's RandomErasing (N(0, 1) is the mean +- std)
+            x = random_erasing(x, torch.Generator().manual_seed(seed ^ _ERASING_SALT), probability=self.erasing,
+                               mode=self.erasing_mode, max_count=self.erasing_count)
         if self.mixup is not None:
             with global_rng(state=batch["mix_rng"]):
-                x, target = self.mixup(crops[0], labels)
-            crops = [x]
+                x, target = self.mixup(x, labels)
         else:
             n, k, eps = len(labels), self.num_classes, self.label_smoothing
             target = torch.full((n, k), eps / k, device=labels.device)
             target.scatter_(1, labels[:, None], 1.0 - eps + eps / k)
-        return {"crops": crops, "label": labels, "target": target}
+        return {"crops": [x], "label": labels, "target": target}
 
 
 class ImageTextCollate(Collate):
@@ -286,7 +345,7 @@ class ImageTextCollate(Collate):
                 f"ImageTextCollate: captions must be str, got {kinds}; is the training set an image–text dataset "
                 "(vfm.data.image_text, e.g. dataset=fashion_mnist_captions)?"
             )
-        images = torch.stack([s[0] for s in samples])
+        images, sizes = stack_images([s[0] for s in samples])
         labels = torch.tensor([int(s[2]) for s in samples], dtype=torch.int64)
         text = self.tokenizer(captions)
         if not isinstance(text, Tensor) and not (
@@ -295,9 +354,12 @@ class ImageTextCollate(Collate):
             raise TypeError(
                 f"ImageTextCollate: the tokenizer must return a Tensor or a dict of Tensors, got {type(text).__name__}"
             )
-        return {"images": images, "seed": seed, "text": text, "captions": captions, "label": labels}
+        batch: Batch = {"images": images, "seed": seed, "text": text, "captions": captions, "label": labels}
+        if sizes is not None:
+            batch["sizes"] = sizes
+        return batch
 
     def _finish(self, batch: Batch, images: Tensor, seed: int) -> Batch:
         generator = torch.Generator().manual_seed(seed)
-        crops = self.augment(images, generator)
+        crops = _augment(self.augment, images, generator, batch)
         return {"crops": crops, "text": batch["text"], "captions": batch["captions"], "label": batch["label"]}

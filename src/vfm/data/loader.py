@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from vfm.data.datasets import TensorImageDataset
+from vfm.data.collate import Collate
+from vfm.data.datasets import ImageFileDataset, TensorImageDataset
 from vfm.data.sampler import SeededBatchSampler, SeededDataset
 
 __all__ = ["build_eval_loader", "build_train_loader"]
@@ -38,6 +39,7 @@ def build_train_loader(
     timeout: float = 0.0,
     persistent_workers: bool = True,
     prefetch_factor: int = 2,
+    repeats: int | None = None,
 ) -> tuple[DataLoader, SeededBatchSampler]:
     """A training loader over ``dataset`` with per-batch seeds; returns ``(loader, sampler)``.
 
@@ -47,8 +49,18 @@ def build_train_loader(
     (seconds, workers only; 0 = forever) turns a worker stuck on a read into an error.
     ``persistent_workers`` keeps the workers (and their copy of the dataset) alive across epochs;
     ``prefetch_factor`` is the number of batches each worker keeps ready. Both apply only with
-    ``num_workers > 0``.
+    ``num_workers > 0``. ``repeats``: repeated augmentation (each image that many times per
+    global batch, :mod:`vfm.data.sampler`); None takes the collate's own ``repeats`` (1 unless the
+    method asks for it, e.g. DeiT's 3).
+
+    Image files are read whole for training (:meth:`ImageFileDataset.for_training`): random
+    resized crops are drawn from the entire image, as torchvision's ``RandomResizedCrop`` does
+    on the decoded file, not from its centre square.
     """
+    if repeats is None:
+        repeats = collate_fn.repeats if isinstance(collate_fn, Collate) else 1
+    if isinstance(dataset, ImageFileDataset):
+        dataset = dataset.for_training()
     if prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     n = len(dataset)  # type: ignore[arg-type]
@@ -59,7 +71,7 @@ def build_train_loader(
             "lower the batch size or use a larger dataset"
         )
     sampler = SeededBatchSampler(
-        n, batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=True, drop_last=drop_last
+        n, batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=True, drop_last=drop_last, repeats=repeats
     )
     loader = DataLoader(
         SeededDataset(dataset),

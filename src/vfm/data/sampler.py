@@ -17,6 +17,15 @@ order to be a function of the global batch alone, not of the process count. So:
 * the collate (:mod:`vfm.data.collate`) stacks the uint8 images and runs the batched augmentation
   with ``torch.Generator().manual_seed(batch_seed)``.
 
+Repeated augmentation (DeiT's ``RASampler``, Hoffer et al. 2020): with ``repeats = r > 1`` the
+global order is the epoch's permutation with every index written ``r`` times in a row, cut to
+the dataset's length, so an epoch still has ``dataset_len`` samples (about ``dataset_len / r``
+distinct images, each ``r`` times with its own augmentation). That is the order DeiT's
+``RASampler`` deals out, so a global batch holds the same samples; DeiT deals position ``p`` to
+process ``p mod W`` (the ``r`` copies of an image land on ``r`` different processes), here the
+copies usually share a process's chunk, which only matters for per-process operations (Mixup
+pairs the batch with its reverse).
+
 The result: the same batch gets the same crops with ``num_workers`` 0 or 8; resuming at
 ``(epoch, start_batch)`` replays exactly the batches an uninterrupted run would have seen; and a
 run resumed with another process count (same global batch) continues at the same sample. The
@@ -61,6 +70,9 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
     ``set_epoch(epoch, start_batch)`` must be called before each epoch, as with
     ``DistributedSampler``; ``start_batch`` skips the first batches (mid-epoch resume) while the
     remaining batches keep their indices *and* seeds.
+
+    ``repeats > 1`` is repeated augmentation (see the module docstring): each index of the
+    permutation appears ``repeats`` times in a row, the order cut to ``dataset_len``.
     """
 
     def __init__(
@@ -73,7 +85,10 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
         world_size: int = 1,
         shuffle: bool = True,
         drop_last: bool = True,
+        repeats: int = 1,
     ) -> None:
+        if repeats < 1:
+            raise ValueError(f"SeededBatchSampler: repeats must be >= 1, got {repeats}")
         if dataset_len < 1:
             raise ValueError(f"SeededBatchSampler: the dataset is empty (dataset_len={dataset_len})")
         if batch_size < 1:
@@ -91,6 +106,7 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
         self.world_size = world_size
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.repeats = repeats
         self.epoch = 0
         self.start_batch = 0
         round_size = batch_size * world_size  # one chunk per rank
@@ -123,6 +139,8 @@ class SeededBatchSampler(Sampler[list[tuple[int, int]]]):
             order = torch.randperm(self.dataset_len, generator=g).tolist()
         else:
             order = list(range(self.dataset_len))
+        if self.repeats > 1:  # DeiT's RASampler: repeat_interleave, then keep one epoch's worth
+            order = [i for i in order for _ in range(self.repeats)][: self.dataset_len]
         pad = self._rounds * self.batch_size * self.world_size + self._tail - len(order)
         if pad > 0:
             # Repeat from the start (cyclically when the padding exceeds the dataset), so every

@@ -88,10 +88,18 @@ class MultiCropAugmentation:
 
     Differences from the per-image PIL pipeline, all deliberate:
 
-    * The crop is realised by bilinear ``grid_sample`` without antialiasing. Crop boxes are
-      sampled exactly as torchvision's ``RandomResizedCrop.get_params`` does (area fraction
-      uniform in ``scale``, aspect ratio log-uniform in [3/4, 4/3], 10 tries, then a centre-crop
-      fallback), so only the resampling filter differs, and only when a crop is downscaled.
+    * The crop is realised by ``grid_sample`` without antialiasing, ``interpolation="bicubic"``
+      as in the official recipes (DINO, iBOT, DINOv2, MAE, BEiT and DeiT all build
+      ``RandomResizedCrop(..., interpolation=BICUBIC)``; open_clip too) or ``"bilinear"``.
+      Crop boxes are sampled exactly as torchvision's ``RandomResizedCrop.get_params`` does (area
+      fraction uniform in ``scale``, aspect ratio log-uniform in [3/4, 4/3], 10 tries, then a
+      centre-crop fallback) on each image's own height and width, so only the resampling filter
+      differs (PIL antialiases when a crop is downscaled), and bicubic overshoot is clipped to
+      [0, 1] as PIL clips it to [0, 255].
+    * Images of different sizes come as one canvas ``[B, C, H, W]`` plus ``sizes`` (each image's
+      ``(h, w)`` at the top left, the rest of the canvas filled by repeating its last row and
+      column, see :func:`vfm.data.collate.stack_images`): boxes are drawn relative to the whole
+      image, never the canvas.
     * Gaussian blur uses an exact separable Gaussian (radius ``ceil(3 sigma)``, reflect padding)
       instead of PIL's box approximation. ``blur_sigma`` is in pixels *of a 224-px global crop*,
       as in DINO, and is multiplied by ``global_crop_size / 224`` for every crop of the set: at
@@ -124,7 +132,10 @@ class MultiCropAugmentation:
         blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5),
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         solarize_p: tuple[float, float, float] = (0.0, 0.2, 0.0),
+        interpolation: str = "bicubic",
     ) -> None:
+        if interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"MultiCropAugmentation: interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
         if global_crop_size < 1 or local_crop_size < 1:
             raise ValueError(
                 f"MultiCropAugmentation: crop sizes must be positive, got global={global_crop_size}, local={local_crop_size}"
@@ -175,6 +186,7 @@ class MultiCropAugmentation:
         self.solarize_p = tuple(float(p) for p in solarize_p)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.sigma_scale = self.global_crop_size / _REFERENCE_SIZE
+        self.interpolation = interpolation
 
     def __repr__(self) -> str:
         return (
@@ -191,8 +203,14 @@ class MultiCropAugmentation:
         *,
         of_batch: int | None = None,
         start: int = 0,
+        sizes: Sequence[Sequence[int]] | None = None,
+        normalize: bool = True,
     ) -> list[Tensor]:
         """uint8 ``[B, C, H, W]`` -> ``n_global`` float32 ``[B, C, g, g]`` then ``n_local`` ``[B, C, l, l]``.
+
+        ``sizes``: each image's ``(h, w)`` when ``images`` is a canvas of images of different
+        sizes (each at the top left); None: every image fills ``H x W``. ``normalize=False``
+        returns the views in [0, 1], before the mean/std normalisation.
 
         ``of_batch`` / ``start``: ``images`` are rows ``start .. start + B`` of a batch of
         ``of_batch`` images (e.g. one process's shard of a data-parallel global batch). The random
@@ -210,6 +228,8 @@ class MultiCropAugmentation:
                 f"MultiCropAugmentation: rows {start}..{start + len(images)} do not fit in a batch of {total}"
             )
         rows = slice(start, start + len(images))
+        if sizes is not None and len(sizes) != len(images):
+            raise ValueError(f"MultiCropAugmentation: {len(sizes)} sizes for {len(images)} images")
         mean_t, std_t = _stats_tensors(self.mean, self.std, images.shape[1], images.device)
         x = images.to(torch.float32) / 255.0
         crops = []
@@ -220,8 +240,9 @@ class MultiCropAugmentation:
             else:
                 recipe = 2
                 size, scale = self.local_crop_size, self.local_scale
-            view = self._one_view(x, size, scale, self.blur_p[recipe], self.solarize_p[recipe], generator, total, rows)
-            crops.append((view - mean_t) / std_t)
+            view = self._one_view(x, size, scale, self.blur_p[recipe], self.solarize_p[recipe], generator, total, rows,
+                                  sizes)
+            crops.append((view - mean_t) / std_t if normalize else view)
         return crops
 
     def _one_view(
@@ -234,6 +255,7 @@ class MultiCropAugmentation:
         g: torch.Generator | None,
         total: int | None = None,
         rows: slice | None = None,
+        sizes: Sequence[Sequence[int]] | None = None,
     ) -> Tensor:
         b, c, height, width = x.shape
         dev = x.device
@@ -257,19 +279,26 @@ class MultiCropAugmentation:
             return x.new_zeros(0, c, size, size)
 
         # 1. RandomResizedCrop + horizontal flip: one affine resampling.
-        top, left, h, w = _sample_crop_boxes(crop_u, height, width, scale)
+        if sizes is None:
+            top, left, h, w = _sample_crop_boxes(crop_u, height, width, scale)
+        else:
+            hw = torch.tensor([[int(v) for v in s] for s in sizes], dtype=torch.float64)
+            top, left, h, w = _sample_crop_boxes(crop_u, hw[:, 0:1], hw[:, 1:2], scale)
         flip = flip_u < self.flip_p
         theta = torch.zeros(b, 2, 3, dtype=torch.float32)
         # With align_corners=False, normalised coordinates -1 / +1 are the outer pixel edges, so
-        # the box [left, left + w) maps to x_in = (w / W) * x_out + (2 left + w) / W - 1.
+        # the box [left, left + w) maps to x_in = (w / W) * x_out + (2 left + w) / W - 1 (W, H:
+        # the canvas, which is the image itself unless ``sizes`` places smaller ones in it).
         theta[:, 0, 0] = torch.where(flip, -w / width, w / width)  # mirror = negate the x scale
         theta[:, 0, 2] = (2 * left + w) / width - 1
         theta[:, 1, 1] = h / height
         theta[:, 1, 2] = (2 * top + h) / height - 1
         grid = F.affine_grid(theta.to(dev), [b, c, size, size], align_corners=False)
-        # "border": upsampled crops sample up to half an input pixel outside the box, which for
-        # boxes touching the image edge would otherwise blend in zeros.
-        out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        # "border": crops sample up to half (bilinear) or two (bicubic) input pixels outside the
+        # box, which for boxes touching the image edge would otherwise blend in zeros.
+        out = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border", align_corners=False)
+        if self.interpolation == "bicubic":
+            out = out.clamp_(0.0, 1.0)  # the cubic kernel overshoots; PIL clips to the pixel range
 
         # 2. Colour jitter (torchvision ColorJitter semantics), p = color_jitter_p.
         jitter = jitter_u < self.color_jitter_p
@@ -330,14 +359,18 @@ class MultiCropAugmentation:
 
 
 def _sample_crop_boxes(
-    u: Tensor, height: int, width: int, scale: tuple[float, float]
+    u: Tensor, height: int | Tensor, width: int | Tensor, scale: tuple[float, float]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """torchvision ``RandomResizedCrop.get_params``, vectorised over the batch.
 
-    ``u``: uniforms ``[B, 4, 10]`` (area fraction, log aspect ratio, top, left, per try). Returns
-    float tensors ``top, left, h, w`` ``[B]`` in pixels (integers, as in torchvision).
+    ``u``: uniforms ``[B, 4, 10]`` (area fraction, log aspect ratio, top, left, per try).
+    ``height`` / ``width``: the image size, one int for all or float64 ``[B, 1]`` per image.
+    Returns float tensors ``top, left, h, w`` ``[B]`` in pixels (integers, as in torchvision).
     """
-    area = height * width
+    per_image = isinstance(height, Tensor)
+    # float32 like the uniforms (an int area multiplies them in float32 too, so one size for all
+    # and per-image sizes give the same boxes)
+    area = (height * width).float() if per_image else height * width
     log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
     ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
@@ -349,21 +382,25 @@ def _sample_crop_boxes(
     found = valid.any(dim=1)
     rows = torch.arange(u.shape[0])
     w, h = w[rows, first], h[rows, first]
+    if per_image:
+        height, width = height[:, 0], width[:, 0]
     # torch.randint(0, H - h + 1) in torchvision: floor of a uniform over the H - h + 1 positions.
-    top = torch.floor(u[rows, 2, first].double() * (height - h + 1)).clamp(max=height - h)
-    left = torch.floor(u[rows, 3, first].double() * (width - w + 1)).clamp(max=width - w)
-
-    # Fallback after 10 failed tries: the largest centred box with an allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < 3 / 4:
-        fw, fh = width, round(width / (3 / 4))
-    elif in_ratio > 4 / 3:
-        fw, fh = round(height * (4 / 3)), height
-    else:
-        fw, fh = width, height
-    fb = torch.tensor
-    w = torch.where(found, w, fb(float(fw), dtype=torch.float64))
-    h = torch.where(found, h, fb(float(fh), dtype=torch.float64))
-    top = torch.where(found, top, fb(float((height - fh) // 2), dtype=torch.float64))
-    left = torch.where(found, left, fb(float((width - fw) // 2), dtype=torch.float64))
+    top = torch.minimum(torch.floor(u[rows, 2, first].double() * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[rows, 3, first].double() * (width - w + 1)), width - w)
+    fh, fw = _fallback_box(height, width)
+    w = torch.where(found, w, fw)
+    h = torch.where(found, h, fh)
+    top = torch.where(found, top, torch.floor((height - fh) / 2))
+    left = torch.where(found, left, torch.floor((width - fw) / 2))
     return top.float(), left.float(), h.float(), w.float()
+
+
+def _fallback_box(height: int | Tensor, width: int | Tensor) -> tuple[Tensor, Tensor]:
+    """After 10 failed tries: the largest centred box with an allowed aspect ratio (float64 h, w)."""
+    height = torch.as_tensor(height, dtype=torch.float64)
+    width = torch.as_tensor(width, dtype=torch.float64)
+    in_ratio = width / height
+    tall, wide = in_ratio < 3 / 4, in_ratio > 4 / 3
+    fw = torch.where(wide, torch.round(height * (4 / 3)), width)
+    fh = torch.where(tall, torch.round(width / (3 / 4)), height)
+    return fh, fw

@@ -10,12 +10,19 @@ global batch pushed apart with a symmetric InfoNCE loss (`CLIPLoss`). The temper
 `logit_scale = log(1 / tau)`, initialised at log(1 / 0.07) and clamped to [0, log(100)] after every
 step (the paper's clamp at 100).
 
+The image tower of the paper's run is `backbone=vit_base_clip` (open_clip's ViT-B/16, with the
+LayerNorm before the first block, `ln_pre`); any other backbone works, a ViT without that norm
+gets a warning. Weight decay follows open_clip's `main.py`: none on gains, biases, the
+temperature and the [CLS] token (1-D in open_clip), decay on everything else, position
+embeddings included.
+
 Zero-shot classification uses `encode_image` / `encode_text`: class-name prompts become a linear
 classifier over the image embeddings.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +35,8 @@ from vfm.data.batch import Batch
 from vfm.data.collate import ImageTextCollate
 from vfm.losses.clip_loss import CLIPLoss
 from vfm.methods.base import Method
+
+log = logging.getLogger(__name__)
 
 
 class CLIP(Method):
@@ -58,6 +67,10 @@ class CLIP(Method):
         if int(text_tower.output_dim) != embed_dim:
             raise ValueError(f"the text tower outputs {text_tower.output_dim} features but method.embed_dim={embed_dim}; "
                              "set the tower's output_dim to ${..embed_dim}")
+        norm_pre = getattr(getattr(backbone, "model", None), "norm_pre", None)
+        if isinstance(norm_pre, nn.Identity):
+            log.warning("CLIP's image tower has a LayerNorm before its first block (ln_pre) and this ViT has none: "
+                        "use backbone=vit_base_clip or +backbone.model_kwargs.pre_norm=true for the paper's architecture")
         self.backbone = backbone
         self.text_tower = text_tower
         # CLIP's image projection: a bias-free linear map, init std width^-0.5
@@ -101,6 +114,21 @@ class CLIP(Method):
         text_emb = self.encode_text(batch["text"])
         loss = self.loss_fn(image_emb, text_emb, self.logit_scale)
         return {"loss": loss, "logit_scale": self.logit_scale.detach().exp()}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """open_clip `main.py`: no weight decay where `p.ndim < 2` or the name has "bn", "ln" or
+        "bias" or is `logit_scale`; timm's `cls_token` is [1, 1, D] where open_clip's
+        `class_embedding` is 1-D, so it is exempt too. Position embeddings (2-D there) decay."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            exempt = p.ndim < 2 or name.endswith(".bias") or name.endswith("cls_token") or name == "logit_scale"
+            (no_decay if exempt else decay).append(p)
+        return [
+            {"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"},
+            {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "name": "no_decay"},
+        ]
 
     @torch.no_grad()
     def on_step_end(self, step: int, sched: Mapping[str, float]) -> None:

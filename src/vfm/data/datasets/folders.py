@@ -4,6 +4,7 @@ data set's bad-file policy (:mod:`vfm.data.datasets.bad_files`)."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from vfm.data.datasets.core import (
     split_indices,
 )
 
-__all__ = ["IMG_EXTENSIONS", "ImageFileDataset", "imagefolder", "load_image", "unlabeled_folder"]
+__all__ = ["IMG_EXTENSIONS", "MAX_ASPECT", "ImageFileDataset", "imagefolder", "load_image", "unlabeled_folder"]
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -38,10 +39,21 @@ IMG_EXTENSIONS: tuple[str, ...] = (
 )
 
 
+# A whole training image keeps its aspect ratio up to this long / short side ratio (the few wider
+# ones are shrunk to fit), which bounds the batch canvas (:func:`vfm.data.collate.stack_images`).
+MAX_ASPECT = 2.0
+
+
 def load_image(
-    path: str | os.PathLike | BinaryIO, *, resize: int, crop: int, in_chans: int, name: str | None = None
+    path: str | os.PathLike | BinaryIO, *, resize: int, crop: int | None, in_chans: int, name: str | None = None
 ) -> Tensor:
-    """Decode one image file to uint8 ``[in_chans, crop, crop]``: shorter side to ``resize``, centre crop.
+    """Decode one image file to uint8 ``[in_chans, crop, crop]``: shorter side to ``resize``, centre crop
+    (the evaluation view: DeiT, DINO and MAE evaluate on ``Resize(256, bicubic)``, ``CenterCrop(224)``).
+
+    ``crop=None`` keeps the whole image ``[in_chans, h, w]`` (the training view: random resized
+    crops are drawn from all of it): shrunk, aspect ratio kept, only as far as needed for the
+    shorter side to be at most ``resize`` and the longer at most ``MAX_ASPECT * resize``; smaller
+    images stay as they are. Resampling is PIL's bicubic, antialiased when shrinking.
 
     ``path`` may also be an open binary file (e.g. the bytes of a tar member); ``name`` is what
     the error message calls the image (default: ``path``).
@@ -65,13 +77,18 @@ def load_image(
         detail = str(e).replace(repr(path), "the image bytes") if name else str(e)
         raise ImageDecodeError(f"cannot decode image {name or path}: {type(e).__name__}: {detail}") from e
     w, h = img.size
-    scale = resize / min(w, h)
-    # Shorter side exactly `resize`, the longer one rounded (so the crop always fits).
-    new_w, new_h = (resize, max(resize, round(h * scale))) if w <= h else (max(resize, round(w * scale)), resize)
+    if crop is None:
+        scale = min(1.0, resize / min(w, h), MAX_ASPECT * resize / max(w, h))
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    else:
+        scale = resize / min(w, h)
+        # Shorter side exactly `resize`, the longer one rounded (so the crop always fits).
+        new_w, new_h = (resize, max(resize, round(h * scale))) if w <= h else (max(resize, round(w * scale)), resize)
     if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.BILINEAR)
-    left, top = (new_w - crop) // 2, (new_h - crop) // 2
-    img = img.crop((left, top, left + crop, top + crop))
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    if crop is not None:
+        left, top = (new_w - crop) // 2, (new_h - crop) // 2
+        img = img.crop((left, top, left + crop, top + crop))
     array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -81,11 +98,14 @@ def load_image(
 class ImageFileDataset(BadFileDataset):
     """Lazily decoded image files, each returned as ``(uint8 [C, crop, crop], label)``.
 
-    Decoding follows the usual ImageNet recipe: the shorter side is resized to ``resize``
-    (bilinear, PIL's antialiased resampling), then the centre ``crop x crop`` is taken. Using one
-    fixed output size makes batches stackable; for pretraining ``crop == resize`` (``load_size``)
-    and the multi-crop augmentation then samples its random resized crops from that square
-    image, for evaluation ``crop == img_size`` (the standard "resize 256, centre-crop 224").
+    Decoding follows the usual ImageNet evaluation recipe: the shorter side is resized to
+    ``resize`` (bicubic, PIL's antialiased resampling), then the centre ``crop x crop`` is taken
+    ("resize 256, centre-crop 224" with ``crop == img_size``; the ``train`` split of the folder
+    datasets keeps ``crop == resize == load_size`` for the evaluators' features).
+
+    ``whole_for_training``: :meth:`for_training` (what the training loader reads) returns this
+    data set with ``crop=None``: whole images of their own size (see :func:`load_image`), so the
+    random resized crops cover all of each image, edges included, as in the official recipes.
 
     ``bad_files`` ("skip" or "fail") is what an undecodable file does
     (:mod:`vfm.data.datasets.bad_files`: a skipped item is replaced by the next one, with that
@@ -99,13 +119,14 @@ class ImageFileDataset(BadFileDataset):
         samples: Sequence[tuple[str, int]],
         *,
         resize: int,
-        crop: int,
+        crop: int | None,
         in_chans: int,
         bad_files: str = "skip",
+        whole_for_training: bool = False,
     ) -> None:
         if in_chans not in (1, 3):
             raise ValueError(f"ImageFileDataset: in_chans must be 1 or 3, got {in_chans}")
-        if not 0 < crop <= resize:
+        if crop is not None and not 0 < crop <= resize:
             raise ValueError(f"ImageFileDataset: need 0 < crop <= resize, got crop={crop}, resize={resize}")
         super().__init__(bad_files)
         self.samples = list(samples)
@@ -113,6 +134,16 @@ class ImageFileDataset(BadFileDataset):
         self.resize = resize
         self.crop = crop
         self.in_chans = in_chans
+        self.whole_for_training = whole_for_training
+
+    def for_training(self) -> ImageFileDataset:
+        """The view training reads: whole images when ``whole_for_training`` (a shallow copy with
+        ``crop=None``), else this data set."""
+        if not self.whole_for_training or self.crop is None:
+            return self
+        view = copy.copy(self)
+        view.crop = None
+        return view
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -124,6 +155,7 @@ class ImageFileDataset(BadFileDataset):
     def __repr__(self) -> str:
         return (
             f"ImageFileDataset(n={len(self)}, resize={self.resize}, crop={self.crop}, in_chans={self.in_chans}, "
+            f"whole_for_training={self.whole_for_training}, "
             f"bad_files={self.bad_files!r})"
         )
 
@@ -174,11 +206,14 @@ def imagefolder(
     seed: int = 0,
     num_classes: int | None = None,
     bad_files: str = "skip",
+    whole_images: bool = True,
 ) -> DataSplits:
     """A class-subfolder tree (``root/train/<class>/**/img``), e.g. ImageNet, decoded lazily.
 
     ``train`` images are ``load_size`` squares (shorter side resized to ``load_size``, centre
-    crop): multi-crop samples its random crops from them. ``val`` (a seeded ``val_fraction`` of
+    crop) for the evaluators; training crops its random views from the whole image (shorter side
+    at most ``load_size``, :meth:`ImageFileDataset.for_training`), or with ``whole_images=False``
+    from that centre square. ``val`` (a seeded ``val_fraction`` of
     ``root/train_dir``) and ``test`` (``root/test_dir`` if it exists, else None) are the standard
     evaluation view: resize to ``load_size``, centre-crop ``img_size``. ``num_classes`` None means
     "as many as there are class folders"; an int is checked against them. ``bad_files`` ("skip" or
@@ -207,7 +242,7 @@ def imagefolder(
     train_idx, val_idx = split_indices(len(samples), val_fraction, seed)
     train = ImageFileDataset(
         [samples[i] for i in train_idx.tolist()], resize=load_size, crop=load_size, in_chans=in_chans,
-        bad_files=bad_files,
+        bad_files=bad_files, whole_for_training=whole_images,
     )
     val = None
     if len(val_idx):
@@ -237,10 +272,12 @@ def unlabeled_folder(
     num_classes: int = 0,
     extensions: Sequence[str] = IMG_EXTENSIONS,
     bad_files: str = "skip",
+    whole_images: bool = True,
 ) -> DataSplits:
     """Every image anywhere under ``root`` (recursive), unlabelled (label -1), for pretraining only.
 
-    Images are ``load_size`` squares as in :func:`imagefolder`; ``val``/``test`` are None.
+    Images are ``load_size`` squares, and training crops from whole images (``whole_images``),
+    as in :func:`imagefolder`; ``val``/``test`` are None.
     ``num_classes`` exists only so every dataset config defines it; it must be 0. ``bad_files``
     ("skip" or "fail") is what an undecodable image does (see :class:`ImageFileDataset`).
     """
@@ -260,6 +297,6 @@ def unlabeled_folder(
             f"unlabeled_folder: found no images with extensions {', '.join(extensions)} under {root_path} (searched recursively)"
         )
     train = ImageFileDataset([(str(p), -1) for p in files], resize=load_size, crop=load_size, in_chans=in_chans,
-                             bad_files=bad_files)
+                             bad_files=bad_files, whole_for_training=whole_images)
     return DataSplits(train=train, val=None, test=None, img_size=img_size, in_chans=in_chans, mean=mean_t,
                       std=std_t, num_classes=0, class_names=[])
