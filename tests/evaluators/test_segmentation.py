@@ -99,7 +99,7 @@ def test_without_masks_a_clear_error() -> None:
 
 def test_config_instantiates() -> None:
     ev = instantiate(OmegaConf.load(CONF / "evaluator" / "segmentation.yaml"))
-    assert isinstance(ev, LinearSegmentation) and ev.lrs == (1e-3, 3e-3, 1e-2, 3e-2)
+    assert isinstance(ev, LinearSegmentation) and ev.lrs == (1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
 def test_foreground_masks() -> None:
@@ -132,3 +132,18 @@ def test_segmentation_folder_ade_layout(tmp_path: Path) -> None:
     assert image.shape == (3, 16, 16) and mask.shape == (16, 16) and mask.dtype == torch.uint8
     assert set(mask.unique().tolist()) == {1, IGNORE_INDEX}
     assert splits.test[0][1] == -1  # no image-level label
+
+
+def test_pretrain_evaluates_periodically_and_logs_the_figure(tiny_cfg, tmp_path: Path) -> None:
+    from vfm.pretrain import run
+
+    cfg = tiny_cfg("dataset=synthetic_shapes", "evaluator=[segmentation,attention_jaccard]", "eval.every_n_epochs=1",
+                   "eval.baseline=false", "evaluator.segmentation.epochs=1",
+                   run_dir=tmp_path / "run")
+    metrics = run(cfg)
+    assert 0 <= metrics["segmentation/miou"] <= 100 and 0 <= metrics["attention_jaccard/best_head"] <= 100
+    assert (tmp_path / "run" / "eval" / "segmentation" / "predictions.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Tags()["images"]
+    assert {"eval/segmentation/predictions", "final/segmentation/predictions"} <= set(tags)

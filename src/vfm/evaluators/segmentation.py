@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LinearSegmentation", "SegmentationHeads", "confusion_matrices", "fit_segmentation_heads", "iou_per_class"]
 
-DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2)
+DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 
 class SegmentationHeads(nn.Module):

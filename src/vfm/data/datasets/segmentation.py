@@ -155,10 +155,13 @@ def benchmark_foreground(*, threshold: int = 25, **kwargs: Any) -> SegmentationS
 
 
 def synthetic_shapes(*, n_train: int = 64, n_val: int = 16, n_test: int = 16, img_size: int = 32,
-                     in_chans: int = 3, num_shapes: int = 2, seed: int = 0) -> SegmentationSplits:
+                     in_chans: int = 3, num_classes: int = 2, seed: int = 0, mean: Sequence[float] = (0.5,),
+                     std: Sequence[float] = (0.25,)) -> SegmentationSplits:
     """Generated images for tests: on a dark noisy background, one bright axis-aligned rectangle
-    of a random size and place; its pixels carry class ``1 + shape id`` (1..``num_shapes``),
-    where the id sets the colour (RGB) or brightness (grey). Background is class 0."""
+    of a random size and place; the image's label is the shape id (``num_classes`` of them), which
+    sets its colour (RGB) or brightness (grey), and the rectangle's pixels carry class
+    ``1 + shape id``. Background is class 0."""
+    num_shapes = num_classes
     g = torch.Generator().manual_seed(seed)
 
     def make(n: int) -> TensorSegmentationDataset:
@@ -178,7 +181,7 @@ def synthetic_shapes(*, n_train: int = 64, n_val: int = 16, n_test: int = 16, im
         masks = torch.where(inside, (labels + 1).view(-1, 1, 1), 0).to(torch.uint8)
         return TensorSegmentationDataset(images, labels, masks)
 
-    mean_t, std_t = norm_stats((0.5,), (0.25,), in_chans)
+    mean_t, std_t = norm_stats(mean, std, in_chans)
     return SegmentationSplits(
         train=make(n_train), val=make(n_val) if n_val else None, test=make(n_test) if n_test else None,
         img_size=img_size, in_chans=in_chans, mean=mean_t, std=std_t, num_classes=num_shapes,
