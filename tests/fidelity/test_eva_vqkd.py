@@ -226,3 +226,19 @@ def test_eva02_base_backbone_config_is_timms_eva02_b():
     cfg = compose_cfg(["method=eva02", "method.teacher=x", "backbone=eva02_base", "~recipe"])
     b = cfg.backbone
     assert (b.name, b.patch_size, b.drop_path_rate, b.model_kwargs.global_pool) == ("eva02_base_patch14_224", 14, 0.0, "token")
+
+
+def test_vqkd_and_eva_leave_tokens_and_positions_without_weight_decay(mim_artifacts):
+    """Both official `create_optimizer`s skip the model's no_weight_decay(): [CLS] and positions."""
+    from vfm.methods.eva import EVA
+    from vfm.methods.vq_tokenizer import VQTokenizer
+
+    bb = lambda: Backbone("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,  # noqa: E731
+                          model_kwargs=dict(depth=1, embed_dim=16, num_heads=2))
+    vqkd = VQTokenizer(bb(), teacher=str(mim_artifacts["teacher"]), teacher_normalize="dataset", num_codes=16,
+                       code_dim=8, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    eva = EVA(bb(), teacher=str(mim_artifacts["teacher"]), teacher_normalize="dataset")
+    for method in (vqkd, eva):
+        names = {id(p): n for n, p in method.named_parameters()}
+        decayed = {names[id(p)] for g in method.param_groups() if g["wd_mult"] > 0 for p in g["params"]}
+        assert not {n for n in decayed if n.endswith(("pos_embed", "cls_token"))}, decayed

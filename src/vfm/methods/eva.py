@@ -45,6 +45,8 @@ class EVA(Method):
 
     needs_patch_tokens = True
     frozen_modules = ("teacher",)
+    # EVA-01/02 `create_optimizer` skips the model's no_weight_decay() = {pos_embed, cls_token}
+    token_weight_decay = False
 
     def __init__(self, backbone: nn.Module, *, teacher: str, teacher_model: str | None = None,
                  teacher_normalize: str = "clip", data_mean: Sequence[float] | None = None,
