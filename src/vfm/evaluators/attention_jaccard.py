@@ -22,6 +22,8 @@ objects); with one foreground per image (Fashion-MNIST) the two agree.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +68,8 @@ class AttentionJaccard(DenseEvaluator):
         self.figures: dict[str, Tensor] = {}
 
     @torch.no_grad()
-    def __call__(self, encoder: nn.Module, splits: object, *, inputs: DenseInputs,
-                 out_dir: object = None) -> dict[str, float]:
+    def __call__(self, encoder: nn.Module, splits: Any, *, inputs: DenseInputs,
+                 out_dir: str | Path | None = None) -> dict[str, float]:
         """``attention_jaccard/{best_head,mean_head,single_head,single_head_index}``, in percent."""
         try:
             vit = as_vision_transformer(encoder)
