@@ -147,3 +147,10 @@ def test_pretrain_evaluates_periodically_and_logs_the_figure(tiny_cfg, tmp_path:
 
     tags = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Tags()["images"]
     assert {"eval/segmentation/predictions", "final/segmentation/predictions"} <= set(tags)
+
+
+def test_encoder_without_patch_tokens_is_refused() -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 8, 8), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="segmentation.* needs a ViT with patch tokens"):
+        run_evaluators(conv, synthetic_shapes(n_train=4, n_val=4, n_test=4), {"segmentation": LinearSegmentation()},
+                       progress=False)

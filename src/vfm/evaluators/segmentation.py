@@ -34,6 +34,7 @@ from vfm.data.datasets.segmentation import IGNORE_INDEX, SegmentationSplits
 from vfm.engine.schedules import Cosine
 from vfm.evaluators.dense_features import DenseInputs, PatchTokens, extract_patch_tokens
 from vfm.evaluators.protocols import DenseEvaluator
+from vfm.viz.attention import as_vision_transformer
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,10 @@ class LinearSegmentation(DenseEvaluator):
         if not names:
             raise ValueError("evaluator=[segmentation] needs a dataset with masks: dataset=fashion_mnist_segmentation "
                              "or dataset=segmentation_folder")
+        try:
+            as_vision_transformer(encoder)
+        except ValueError as e:
+            raise ValueError(f"evaluator=[segmentation] needs a ViT with patch tokens: {e}") from e
         train, val, test = self._extract(encoder, splits, inputs)
         for split, part in (("train", train), ("val", val), ("test", test)):
             if part is not None:
