@@ -65,7 +65,7 @@ def rows(out: str) -> list[Row]:
         Row("vqkd", "VQ-KD tokenizer (DINO teacher)", ("method=vqkd", f"method.teacher={out}/dino"), needs=("dino",)),
         Row("beit_vqkd", "BEiT v2 (VQ-KD codes)", ("method=beit", f"method.tokenizer={out}/vqkd"), needs=("vqkd",)),
         Row("distill", "distilled small ViT (DINO teacher)", ("method=distill", f"method.teacher={out}/dino"), needs=("dino",)),
-        Row("dino_small", "the same small ViT, DINO from scratch", ("method=dino", "recipe=dino_fashion_mnist_small_student")),
+        Row("dino_small", "the same small ViT, DINO from scratch", ("experiment=dino_fashion_mnist_small_student",)),
     ]
 
 
