@@ -211,3 +211,25 @@ def test_paper_config_carries_the_official_values(overrides, official):
             for key in official}
     assert ours == official
     assert int(196 * cfg.method.masking.ratio_range[0]) == (75 if "beit" in cfg.method._target_ else 19)
+
+
+@torch.no_grad()
+def test_attention_maps_of_the_beit_student_are_its_own_probabilities():
+    # viz recomputes the last block's softmax: with Beit's q/v biases and its shared relative bias
+    from vfm.viz.attention import last_block_attention
+
+    torch.manual_seed(0)
+    bb = _tiny_beit().eval()
+    with torch.no_grad():
+        bb.model.rel_pos_bias.relative_position_bias_table.normal_()  # a bias that matters
+    attn_mod, outputs = bb.model.blocks[-1].attn, []
+    hook = attn_mod.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+    x = torch.randn(2, 1, 28, 28)
+    try:
+        probs, v = last_block_attention(bb, x)
+    finally:
+        hook.remove()
+    b, heads, n, _ = probs.shape
+    mixed = (probs @ v).transpose(1, 2).reshape(b, n, -1)
+    assert torch.allclose(attn_mod.proj(mixed), outputs[0], atol=1e-5)
+    assert torch.allclose(probs.sum(-1), torch.ones(b, heads, n), atol=1e-5)

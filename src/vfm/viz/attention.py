@@ -45,10 +45,10 @@ def as_vision_transformer(model: nn.Module) -> nn.Module:
             f"{type(vit).__name__}; use a ViT checkpoint (e.g. backbone=vit_tiny / vit_small)"
         )
     attn = getattr(vit.blocks[-1], "attn", None)
-    if attn is None or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale", "q_norm", "k_norm")):
+    if attn is None or not all(hasattr(attn, a) for a in ("qkv", "num_heads", "scale")):
         raise ValueError(
-            f"the last block of {type(vit).__name__} has no timm `Attention` (qkv/q_norm/k_norm/scale) "
-            f"module ({type(attn).__name__}); attention maps support timm's VisionTransformer family"
+            f"the last block of {type(vit).__name__} has no timm `Attention` (qkv/num_heads/scale) "
+            f"module ({type(attn).__name__}); attention maps support timm's VisionTransformer and Beit families"
         )
     return vit
 
@@ -81,9 +81,11 @@ def last_block_attention(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     vit = as_vision_transformer(model)
     attn_mod = vit.blocks[-1].attn
     captured: list[Tensor] = []
+    shared_bias: list[Tensor | None] = []  # timm Beit: the relative position bias shared by all blocks
 
     def grab_input(_module: nn.Module, args: tuple[Tensor, ...], kwargs: dict) -> None:
         captured.append(args[0] if args else kwargs["x"])
+        shared_bias.append(kwargs.get("shared_rel_pos_bias", args[1] if len(args) > 1 else None))
 
     handle = attn_mod.register_forward_pre_hook(grab_input, with_kwargs=True)
     try:
@@ -98,11 +100,18 @@ def last_block_attention(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     b, n, _ = tokens.shape
     heads = int(attn_mod.num_heads)
     head_dim = int(getattr(attn_mod, "head_dim", attn_mod.qkv.out_features // (3 * heads)))
-    # The same reshape, norms, scaling and softmax as timm's Attention.forward (non-fused path).
-    qkv = attn_mod.qkv(tokens).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    # The same reshape, norms, scaling and softmax as timm's Attention.forward (non-fused path);
+    # Beit's attention adds its q/v biases (k: zero) and relative position biases.
+    q_bias = getattr(attn_mod, "q_bias", None)
+    bias = attn_mod.qkv.bias if q_bias is None else torch.cat([q_bias, torch.zeros_like(q_bias), attn_mod.v_bias])
+    qkv = nn.functional.linear(tokens, attn_mod.qkv.weight, bias).reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    q, k = attn_mod.q_norm(q), attn_mod.k_norm(k)
+    q, k = getattr(attn_mod, "q_norm", nn.Identity())(q), getattr(attn_mod, "k_norm", nn.Identity())(k)
     attn = (q * attn_mod.scale) @ k.transpose(-2, -1)
+    if getattr(attn_mod, "relative_position_bias_table", None) is not None:
+        attn = attn + attn_mod._get_rel_pos_bias()
+    if shared_bias[0] is not None:
+        attn = attn + shared_bias[0]
     return attn.softmax(dim=-1), v
 
 
