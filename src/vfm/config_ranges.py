@@ -83,7 +83,7 @@ RULES: tuple[tuple[tuple[str, ...], Bound | OneOf], ...] = (
      COUNT),
     (("*_p", "*prob*", "*momentum", "*momentum.base", "*momentum.final", "*max_bad_fraction", "*ratio_range"),
      PROBABILITY),
-    (("*.betas", "*.decay", "*.ratio", "*.val_fraction", "*.label_smoothing", "*drop_path*"), BELOW_ONE),
+    (("*.betas", "*.decay", "*.ratio", "*.val_fraction", "*.label_smoothing", "*drop_path", "*drop_path_rate"), BELOW_ONE),
     (("*crop_scale", "*global_scale", "*local_scale", "*layer_decay", "*layerwise_decay"), UNIT),
     (("*.hue",), Bound(0, 0.5)),
 )

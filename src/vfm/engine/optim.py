@@ -1,7 +1,9 @@
 """Optimizer construction, the lr scaling rule and gradient clipping.
 
-The base learning rate follows the linear scaling rule used by DINO and MAE:
-`lr = blr * global_batch / 256` (Goyal et al. 2017), unless an absolute `lr` is given.
+The base learning rate follows the linear scaling rule used by DINO and MAE,
+`lr = blr * global_batch / 256` (Goyal et al. 2017), or DINOv2's square-root rule
+`lr = blr * sqrt(global_batch / 1024)` (`scaling_rule: sqrt_wrt_1024`), unless an absolute `lr`
+is given.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import torch
 from vfm.backbones.layer_decay import NO_WEIGHT_DECAY, layer_decay_param_groups
 from vfm.engine.schedules import Cosine
 
-__all__ = ["NO_WEIGHT_DECAY", "OptimSpec", "clip_gradients", "layer_decay_param_groups", "set_optimizer_values"]
+__all__ = ["CLIP_MODES", "NO_WEIGHT_DECAY", "OptimSpec", "clip_gradients", "layer_decay_param_groups",
+           "set_optimizer_values"]
+
+CLIP_MODES = ("per_param", "global", "per_module")
 
 
 class OptimSpec:
@@ -34,7 +39,10 @@ class OptimSpec:
         betas, eps: AdamW; momentum: SGD.
         clip_grad: max gradient norm (None or 0 disables).
         clip_mode: "per_param" clips each parameter's gradient on its own (official DINO
-            `clip_gradients`); "global" clips the norm of all gradients together (DINOv2, MAE).
+            `clip_gradients`); "global" clips the norm of all gradients together (BEiT, EVA);
+            "per_module" clips the norm of each of the method's `gradient_clip_groups` on its own
+            (DINOv2 `train.py`: `clip_grad_norm_` on the student's backbone, DINO head and iBOT
+            head in turn; "global" for methods with a single group).
         fused: use the fused AdamW kernel (None: on CUDA and CPU; False: foreach).
         lr_scaling: "linear" (`blr * batch / ref`, Goyal et al. 2017; DINO, MAE) or "sqrt"
             (`blr * sqrt(batch / ref)`, DINOv2's `sqrt_wrt_1024`).
@@ -62,8 +70,8 @@ class OptimSpec:
     ) -> None:
         if name not in ("adamw", "sgd"):
             raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
-        if clip_mode not in ("per_param", "global"):
-            raise ValueError(f"optim.clip_mode must be 'per_param' or 'global', got {clip_mode!r}")
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"optim.clip_mode must be one of {list(CLIP_MODES)}, got {clip_mode!r}")
         self.name, self.blr, self.lr, self.min_lr = name, blr, lr, min_lr
         self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.weight_decay = weight_decay
@@ -109,10 +117,19 @@ class OptimSpec:
         )
 
 
-def set_optimizer_values(optimizer: torch.optim.Optimizer, lr: float, wd: float) -> None:
-    """Apply this step's scheduled lr and weight decay, scaled by each group's multipliers."""
+def set_optimizer_values(
+    optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float | None = None
+) -> None:
+    """Apply this step's scheduled lr and weight decay, scaled by each group's multipliers.
+
+    Groups marked `is_last_layer` (DINOv2's prototype layers) train at `last_layer_lr` instead of
+    `lr` when it is given: DINOv2 freezes them by a zero lr during the first epoch
+    (`build_schedulers`' `last_layer_lr_schedule`), so AdamW's moments keep accumulating and,
+    with the lr at 0, neither the step nor the decoupled weight decay moves them.
+    """
     for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_mult", 1.0)
+        base = last_layer_lr if (last_layer_lr is not None and g.get("is_last_layer", False)) else lr
+        g["lr"] = base * g.get("lr_mult", 1.0)
         g["weight_decay"] = wd * g.get("wd_mult", 1.0)
 
 
@@ -123,11 +140,30 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None, mode: str) -> torch.Tensor:
-    """Clip gradients and return the total gradient norm before clipping (for logging)."""
+def clip_gradients(
+    params: Iterable[torch.nn.Parameter], max_norm: float | None, mode: str,
+    groups: Sequence[Iterable[torch.nn.Parameter]] | None = None,
+) -> torch.Tensor:
+    """Clip gradients and return the total gradient norm before clipping (for logging).
+
+    mode "per_module": each of `groups` (default: `params` as one group) is clipped to `max_norm`
+    on its own, as a global norm; the returned norm is that of all of them together.
+    """
+    if mode != "per_module":
+        norms = [_clip(params, max_norm, mode)]
+    else:
+        norms = [_clip(g, max_norm, "global") for g in (groups if groups is not None else [params])]
+    norms = [n for n in norms if n is not None]  # groups without gradients
+    if not norms:
+        return torch.zeros(())
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _clip(params: Iterable[torch.nn.Parameter], max_norm: float | None, mode: str) -> torch.Tensor | None:
+    """Clip one group of parameters ("global" or "per_param"); its norm, None without gradients."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return None
     group = None
     if _is_dtensor(grads[0]):
         # FSDP: each process holds a shard of every gradient. Per-parameter norms are the root of

@@ -279,7 +279,9 @@ class Trainer:
             if micro >= data.micro_per_epoch:
                 break  # the ragged tail that does not fill an accumulation group
             sched = {k: v[run.step] for k, v in data.schedules.items()}
-            set_optimizer_values(run.optimizer, sched["lr"], sched["wd"])
+            # a method's `is_last_layer` groups (DINOv2) are frozen by a zero lr while `freeze_last_layer` is on
+            set_optimizer_values(run.optimizer, sched["lr"], sched["wd"],
+                                 last_layer_lr=0.0 if sched.get("freeze_last_layer", 0.0) > 0 else None)
             micro += 1
             out, loss_value = self._forward_backward(run, batch, sched, last_micro=micro % self.accum_steps == 0)
             meter.add(loss_value, data.micro_bs * run.strategy.world)
@@ -322,7 +324,8 @@ class Trainer:
         the gradient norm before clipping."""
         scaler, optimizer = run.scaler, run.optimizer
         scaler.unscale_(optimizer)
-        grad_norm = clip_gradients(run.trainable, run.optim.clip_grad, run.optim.clip_mode)
+        groups = run.net.gradient_clip_groups() if run.optim.clip_mode == "per_module" else None
+        grad_norm = clip_gradients(run.trainable, run.optim.clip_grad, run.optim.clip_mode, groups=groups)
         run.net.before_optimizer_step(run.step, sched)
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(optimizer)  # fp16: skipped when a gradient overflowed

@@ -48,14 +48,7 @@ class MAEDecoder(nn.Module):
     def _init_weights(self) -> None:
         # the official initialisation: mask token N(0, 0.02), xavier-uniform linears, unit LayerNorms
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_init_(self)
 
     def pos_embed(self, grid: tuple[int, int], dim: int, device: torch.device) -> Tensor:
         if grid not in self._pos_cache:  # fixed, so computed once per grid (not a buffer: not saved)
@@ -76,3 +69,17 @@ class MAEDecoder(nn.Module):
         # prefix tokens get a zero position embedding, as the official [CLS] slot of its table
         x = self.norm(self.blocks(torch.cat([x[:, :p], patches], dim=1)))
         return self.pred(x[:, p:])
+
+
+@torch.no_grad()
+def xavier_init_(module: nn.Module) -> None:
+    """MAE's `_init_weights` over `module`: xavier-uniform weights and zero biases for every
+    `nn.Linear` (following the official JAX ViT), weight 1 and bias 0 for every LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

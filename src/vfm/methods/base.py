@@ -44,6 +44,12 @@ class Method(nn.Module):
     #: attributes holding frozen networks (EVA's teacher, BEiT's tokenizer): kept in eval mode
     #: (no dropout, drop path or BatchNorm updates) whatever mode the method is in
     frozen_modules: tuple[str, ...] = ()
+    #: whether the backbone's position embedding and [CLS] / register tokens (timm's
+    #: `no_weight_decay()` names) get weight decay like any other weight: yes in the official DINO,
+    #: iBOT and DINOv2 (`get_params_groups`: only biases and 1-D / norm parameters are exempt) and
+    #: MAE pretraining (timm 0.3.2 `add_weight_decay` without a skip list); no in DeiT and BEiT
+    #: (timm's `create_optimizer` skips `model.no_weight_decay()`), which set it to False
+    token_weight_decay: ClassVar[bool] = True
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
@@ -111,17 +117,50 @@ class Method(nn.Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters split for the optimizer; `wd_mult` / `lr_mult` scale the schedules.
 
-        Default (DINO/MAE convention): no weight decay on biases and 1-D parameters (norms).
+        Default (DINO / MAE `get_params_groups`): no weight decay on biases and 1-D parameters
+        (norms); with `token_weight_decay` False (DeiT, BEiT) none on the timm models'
+        `no_weight_decay()` parameters either (position embedding, [CLS], register tokens).
         """
+        skip = set() if self.token_weight_decay else timm_no_weight_decay_names(self)
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+            (no_decay if name.endswith(".bias") or p.ndim <= 1 or name in skip else decay).append(p)
         return [
             {"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"},
             {"params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0, "name": "no_decay"},
         ]
+
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameter groups `optim.clip_mode=per_module` clips one by one (each to
+        `optim.clip_grad`, as a global norm). Default: all trainable parameters, one group."""
+        return [[p for p in self.parameters() if p.requires_grad]]
+
+
+def timm_no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters every timm model inside `model` lists in `no_weight_decay()`
+    (a ViT's `pos_embed`, `cls_token`, `reg_token`, `dist_token`)."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if callable(getattr(module, "no_weight_decay", None)):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
+def set_stochastic_depth(backbone: nn.Module, rate: float, *, uniform: bool) -> None:
+    """Set the drop-path rate of every block of a ViT `Backbone`: `rate` in each block (`uniform`,
+    DINOv2's `drop_path_uniform`) or rising linearly from 0 in the first block to `rate` in the
+    last (timm's rule, also DINO's and MAE fine-tuning's). Rate 0 removes stochastic depth (MAE
+    pretraining). Call it before the EMA teacher is copied (the teacher has none)."""
+    from timm.layers import DropPath
+
+    blocks = list(backbone.model.blocks)
+    for i, block in enumerate(blocks):
+        r = rate if uniform else rate * i / max(len(blocks) - 1, 1)
+        for attr in ("drop_path1", "drop_path2"):
+            if hasattr(block, attr):
+                setattr(block, attr, DropPath(r) if r > 0 else nn.Identity())
 
 
 def linear_head(in_dim: int, out_dim: int) -> nn.Linear:

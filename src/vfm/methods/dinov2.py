@@ -12,9 +12,13 @@ code facebookresearch/dinov2 (`train/ssl_meta_arch.py`, `loss/`, `configs/ssl_de
   default config) or Sinkhorn-Knopp (`"sinkhorn_knopp"`, its large-model configs), both
   synchronised across processes;
 - KoLeo on the student's backbone [CLS] features of each global view (weight 0.1).
-The backbone options of the paper (LayerScale, stochastic depth, register tokens) are timm keys:
-`+backbone.model_kwargs={init_values: 1e-5, reg_tokens: 4}`, `backbone.drop_path_rate`.
-Layer-wise lr decay and the patch-embedding lr multiplier are in `param_groups`.
+Stochastic depth is the same in every student block (`drop_path_uniform`, 0.3 in the default
+config); LayerScale and register tokens are timm keys of the backbone
+(`+backbone.model_kwargs={init_values: 1e-5, reg_tokens: 4}`; experiment=dinov2_vit_large_imagenet).
+`param_groups` holds the layer-wise lr decay, the patch-embedding lr multiplier and the heads'
+last layers (`is_last_layer`: the engine freezes them by a zero lr while `freeze_last_layer` is
+on, as DINOv2's `last_layer_lr_schedule`; their gradients still reach AdamW's moments);
+`gradient_clip_groups` the backbone and the heads, clipped one by one (`optim.clip_mode=per_module`).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from vfm.losses.dino_loss import DINOLoss
 from vfm.losses.ibot_loss import iBOTPatchLoss, masked_patch_cross_entropy
 from vfm.losses.koleo import KoLeoLoss
 from vfm.losses.sinkhorn_knopp import sinkhorn_knopp
-from vfm.methods.base import Method, ema_update, make_ema_teacher
+from vfm.methods.base import Method, ema_update, make_ema_teacher, set_stochastic_depth
 
 
 class DINOv2Tower(nn.Module):
@@ -53,7 +57,8 @@ class DINOv2(Method):
     Args:
         backbone: a ViT `vfm.backbones.Backbone`.
         out_dim, patch_out_dim: prototypes of the [CLS] and patch heads.
-        separate_heads: a separate head for patch tokens (else shared).
+        separate_heads: a separate head for patch tokens (the ViT-L/g configs, with
+            Sinkhorn-Knopp and 131072 prototypes); False (the default config): one shared head.
         hidden_dim, bottleneck_dim, head_layers, use_bn_in_head: DINO-style heads.
         norm_last_layer: freeze the weight-norm gain of the heads' last layer at 1 (DINO). DINOv2's
             heads fill the gain with 1 but leave it trainable, i.e. False.
@@ -64,6 +69,8 @@ class DINOv2(Method):
         layerwise_decay: lr multiplier decay per block from the top (0.9; 1 disables).
         patch_embed_lr_mult: extra lr multiplier of the patch embedding (0.2).
         n_global_crops: leading global crops (masked for the student, seen by the teacher).
+        drop_path_rate: the student's stochastic depth (None: the backbone's `drop_path_rate`).
+        drop_path_uniform: the same rate in every block (DINOv2); False: timm's linear ramp.
     """
 
     needs_patch_tokens = True
@@ -74,7 +81,7 @@ class DINOv2(Method):
         *,
         out_dim: int = 65536,
         patch_out_dim: int = 65536,
-        separate_heads: bool = True,
+        separate_heads: bool = False,
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         head_layers: int = 3,
@@ -90,11 +97,16 @@ class DINOv2(Method):
         layerwise_decay: float = 0.9,
         patch_embed_lr_mult: float = 0.2,
         n_global_crops: int = 2,
+        drop_path_rate: float | None = None,
+        drop_path_uniform: bool = True,
     ) -> None:
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
             raise ValueError(f"method.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         backbone.enable_mask_token()
+        if drop_path_rate is None:
+            drop_path_rate = float(backbone.create_kwargs.get("drop_path_rate", 0.0))
+        set_stochastic_depth(backbone, drop_path_rate, uniform=drop_path_uniform)
         embed_dim = int(backbone.embed_dim)
 
         def make_head(k: int) -> DINOHead:
@@ -157,21 +169,22 @@ class DINOv2(Method):
         return {"loss": loss, "loss_dino": loss_dino.detach(), "loss_ibot": loss_ibot.detach(),
                 "loss_koleo": torch.as_tensor(loss_koleo).detach(), "teacher_entropy": self.dino_loss.last_teacher_entropy}
 
-    def before_optimizer_step(self, step: int, sched: Mapping[str, float]) -> None:
-        if sched.get("freeze_last_layer", 0.0) > 0:
-            heads = [self.student.dino_head] + ([self.student.ibot_head] if self.student.ibot_head is not None else [])
-            for head in heads:
-                for p in head.last_layer_parameters():
-                    p.grad = None
-
     def on_step_end(self, step: int, sched: Mapping[str, float]) -> None:
         ema_update(self.teacher, self.student, float(sched["teacher_momentum"]))
 
+    def gradient_clip_groups(self) -> list[list[nn.Parameter]]:
+        """The student's backbone, DINO head and iBOT head (when separate): DINOv2 clips each
+        submodule's gradient norm on its own (`train.py`, `clip_grad_norm_` per student module)."""
+        modules = [self.student.backbone, self.student.dino_head, self.student.ibot_head]
+        return [[p for p in m.parameters() if p.requires_grad] for m in modules if m is not None]
+
     def param_groups(self) -> list[dict[str, Any]]:
-        """One group per (lr multiplier, weight-decay multiplier): layer-wise lr decay over the
-        backbone blocks (DINOv2 `get_vit_lr_decay_rate`: embeddings and mask token layer 0, block
-        `i` layer `i + 1`, final norm and heads at the full lr), the patch-embedding multiplier on
-        top, and no weight decay on biases, norms and 1-D parameters."""
+        """One group per (lr multiplier, weight-decay multiplier, last layer): layer-wise lr decay
+        over the backbone blocks (DINOv2 `get_vit_lr_decay_rate`: embeddings and mask token layer
+        0, block `i` layer `i + 1`, final norm and heads at the full lr), the patch-embedding
+        multiplier on top, no weight decay on biases, norms and 1-D parameters (the position
+        embedding and tokens decay, as in `get_params_groups_with_decay`), and the heads' last
+        layers marked `is_last_layer`."""
         mults = {
             id(p): (g["lr_mult"], g["wd_mult"])
             for g in layer_decay_param_groups(self.student, layer_decay=self.layerwise_decay, no_weight_decay=("*norm*",))
@@ -179,13 +192,14 @@ class DINOv2(Method):
         }
         # regrouped by multiplier value, in parameter order: the order the optimizer (and the
         # global gradient norm) sees the parameters in
-        groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+        groups: dict[tuple[float, float, bool], list[nn.Parameter]] = {}
         for name, p in self.student.named_parameters():
             if not p.requires_grad:
                 continue
             lr_mult, wd_mult = mults[id(p)]
             if ".patch_embed." in name:
                 lr_mult *= self.patch_embed_lr_mult
-            groups.setdefault((lr_mult, wd_mult), []).append(p)
-        return [{"params": ps, "lr_mult": lr, "wd_mult": wd, "name": f"lr{lr:.3g}_wd{wd:g}"}
-                for (lr, wd), ps in sorted(groups.items())]
+            groups.setdefault((lr_mult, wd_mult, ".last_layer_" in name), []).append(p)
+        return [{"params": ps, "lr_mult": lr, "wd_mult": wd, "is_last_layer": last,
+                 "name": f"lr{lr:.3g}_wd{wd:g}" + ("_last_layer" if last else "")}
+                for (lr, wd, last), ps in sorted(groups.items())]

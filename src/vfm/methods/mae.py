@@ -8,7 +8,8 @@ pipeline by `vfm.data.masking.random_masks`); the encoder processes the **visibl
 so its cost falls roughly in proportion to the mask ratio; a light decoder receives the encoded
 visible tokens plus mask tokens and predicts the pixels of every patch; the loss is the mean squared
 error on the masked patches only, against per-patch normalised pixels (`norm_pix_loss`). Position
-embeddings of encoder and decoder are fixed 2-D sin-cos tables.
+embeddings of encoder and decoder are fixed 2-D sin-cos tables. The encoder is initialised as the
+official `initialize_weights` (`mae_init_`) and trains without stochastic depth.
 
 Stages, named as in the official code: `random_masking` -> `forward_encoder` -> `forward_decoder`
 -> `forward_loss`.
@@ -24,9 +25,9 @@ from torch import Tensor, nn
 from vfm.data.batch import Batch
 from vfm.data.patches import patchify, unpatchify
 from vfm.data.transforms import normalize
-from vfm.heads.mae_decoder import MAEDecoder
+from vfm.heads.mae_decoder import MAEDecoder, xavier_init_
 from vfm.losses.mae_loss import MAELoss
-from vfm.methods.base import Method
+from vfm.methods.base import Method, set_stochastic_depth
 from vfm.viz.reconstruction import denormalize, reconstruction_grid
 
 
@@ -38,6 +39,10 @@ class MAE(Method):
         decoder_dim, decoder_depth, decoder_heads, mlp_ratio: the decoder (512 / 8 / 16 / 4 in the paper).
         norm_pix_loss: predict per-patch normalised pixels (the paper's default for its best results).
         fixed_pos_embed: replace the encoder's learnt position embedding with fixed 2-D sin-cos.
+        drop_path_rate: the encoder's stochastic depth, replacing `backbone.drop_path_rate` (MAE
+            pretrains without: 0; None keeps the backbone's).
+        init: "mae" re-initialises the encoder as the official `initialize_weights` (`mae_init_`);
+            "timm" keeps timm's initialisation.
     """
 
     needs_patch_tokens = True
@@ -52,8 +57,16 @@ class MAE(Method):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
         fixed_pos_embed: bool = True,
+        drop_path_rate: float | None = 0.0,
+        init: str = "mae",
     ) -> None:
         super().__init__()
+        if init not in ("mae", "timm"):
+            raise ValueError(f"method.init must be 'mae' or 'timm', got {init!r}")
+        if drop_path_rate is not None:
+            set_stochastic_depth(backbone, drop_path_rate, uniform=False)
+        if init == "mae":
+            mae_init_(backbone.model)
         if fixed_pos_embed:
             backbone.use_fixed_sincos_pos_embed()
         self.backbone = backbone
@@ -137,3 +150,19 @@ class MAE(Method):
         finally:
             self.train(was_training)
         return {"reconstruction": reconstruction_grid(images, denormalize(rec, mean, std), mask, self.patch_size)}
+
+
+@torch.no_grad()
+def mae_init_(vit: nn.Module) -> None:
+    """Initialise a timm ViT as MAE's `initialize_weights` (facebookresearch/mae `models_mae.py`):
+    xavier-uniform weights and zero biases for every `nn.Linear` (the JAX ViT's choice), the patch
+    embedding's kernel xavier-uniform as the [D, C*p*p] matrix it is (as an `nn.Linear`; its bias
+    keeps PyTorch's default, as there), [CLS] (and register) tokens N(0, 0.02), LayerNorms 1 / 0.
+    The position embedding is left to `Backbone.use_fixed_sincos_pos_embed`."""
+    w = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    for name in ("cls_token", "reg_token"):
+        token = getattr(vit, name, None)
+        if token is not None:
+            nn.init.normal_(token, std=0.02)
+    xavier_init_(vit)
