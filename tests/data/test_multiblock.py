@@ -102,6 +102,8 @@ def test_blocks_that_can_never_exceed_min_keep_are_a_clear_error():
     # 7x7 grid: a target block has 6-12 patches, never more than the official min_keep 10 at its smallest
     with pytest.raises(ValueError, match=r"target block can have 6 patches.*method\.masking\.min_keep"):
         OFFICIAL.check(7)
+    with pytest.raises(ValueError, match=r"method\.masking\.min_keep"):  # never an endless loop
+        _draw(OFFICIAL, 0, batch=2, grid=7)
     MultiBlockMaskGenerator(min_keep=5).check(7)
     with pytest.raises(ValueError, match="target_scale"):
         MultiBlockMaskGenerator(target_scale=(0.3, 0.2))

@@ -165,10 +165,13 @@ class MultiBlockMaskGenerator:
 
     def __call__(self, *, batch_size: int, grid_size: int | tuple[int, int], generator: torch.Generator) -> MultiBlockMasks:
         grid = _as_grid(grid_size)
-        self.check(grid)
         # one size per batch, targets first (the official order of draws)
         t_size = self.block_size(torch.rand(1, generator=generator).item(), self.target_scale, self.target_aspect, grid)
         c_size = self.block_size(torch.rand(1, generator=generator).item(), self.context_scale, self.context_aspect, grid)
+        if min(t_size[0] * t_size[1], c_size[0] * c_size[1]) <= self.min_keep:
+            self.check(grid)  # names the keys to change; the official loop would never end here
+            raise ValueError(f"a {t_size} target or {c_size} context block keeps min_keep={self.min_keep} patches or "
+                             "fewer; lower method.masking.min_keep")
         contexts: list[list[Tensor]] = []
         targets: list[list[Tensor]] = []
         for _ in range(batch_size):

@@ -49,6 +49,8 @@ class JEPAPredictor(nn.Module):
         attn_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if depth < 1:
+            raise ValueError(f"predictor_depth must be >= 1, got {depth}")
         if predictor_dim % num_heads:
             raise ValueError(f"predictor_dim={predictor_dim} is not divisible by predictor_heads={num_heads}")
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
