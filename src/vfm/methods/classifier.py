@@ -54,7 +54,8 @@ class Classifier(Supervised):
         if not isinstance(getattr(backbone, "embed_dim", None), int):
             # the Backbone contract's name for the feature size; plain timm CNNs call it num_features
             backbone.embed_dim = _num_features(backbone)
-        super().__init__(backbone, num_classes=num_classes, randaugment=None, **mixing)
+        # fine-tuning's batches: crop, flip and mixing only (no RandAugment, erasing or repeats)
+        super().__init__(backbone, num_classes=num_classes, randaugment=None, erasing=0.0, repeated_aug=1, **mixing)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init
         nn.init.zeros_(self.head.bias)
         self.layer_decay = float(layer_decay)
@@ -77,9 +78,10 @@ def _num_features(encoder: nn.Module) -> int:
     return value
 
 
-def set_drop_path(model: nn.Module, rate: float) -> list[float]:
+def set_drop_path(model: nn.Module, rate: float, *, uniform: bool = False) -> list[float]:
     """Set stochastic depth on `model` in place, linearly from 0 (first block) to `rate` (last
-    block), timm's rule (`torch.linspace(0, rate, depth)`); returns the per-block rates.
+    block), timm's rule (`torch.linspace(0, rate, depth)`), or `rate` in every block (`uniform`,
+    DINOv2's `drop_path_uniform`); returns the per-block rates.
 
     Residual blocks are the modules with `drop_path1` / `drop_path2` (timm ViT, Swin, ...) or
     `drop_path` (ResNet, ConvNeXt, ...) slots, in module order. A slot becomes a `DropPath` of the
@@ -90,7 +92,7 @@ def set_drop_path(model: nn.Module, rate: float) -> list[float]:
         return hasattr(m, s) and (getattr(m, s) is None or isinstance(getattr(m, s), (nn.Identity, DropPath)))
 
     blocks = [m for m in model.modules() if not isinstance(m, DropPath) and any(is_slot(m, s) for s in _DROP_PATH_SLOTS)]
-    rates = [x.item() for x in torch.linspace(0, rate, len(blocks))]
+    rates = [float(rate)] * len(blocks) if uniform else [x.item() for x in torch.linspace(0, rate, len(blocks))]
     for block, r in zip(blocks, rates, strict=True):
         for s in _DROP_PATH_SLOTS:
             if is_slot(block, s):
