@@ -223,11 +223,12 @@ def machine_line(ctx: Context, workers: int) -> str:
 DIFFERENCES = [
     "the data pipeline, the comparison itself: lightly's workers transform each image in PIL (RandomResizedCrop, "
     "flip, colour jitter, grayscale, blur, solarize, ToTensor, Normalize, per view); vfm's workers decode each "
-    "file to uint8 and its collate crops and jitters the whole batch as tensors (bilinear grid_sample without "
+    "file to uint8 and its collate crops and jitters the whole batch as tensors (bicubic grid_sample without "
     "antialiasing, an exact Gaussian blur where PIL approximates it; same crop boxes and probabilities)",
     "decoding: torchvision's ImageFolder opens each file with PIL and converts it to RGB; vfm's imagefolder does "
-    "the same, then resizes to dataset.load_size and centre-crops (no-ops here: the files are that size)",
-    "MAE: lightly's MAETransform crops with bicubic resampling; its token mask is drawn in the training loop "
+    "the same, then shrinks it to at most dataset.load_size on the shorter side (a no-op here: the files are "
+    "smaller)",
+    "MAE: lightly's MAETransform crops with bicubic resampling (PIL's, antialiased); its token mask is drawn in the training loop "
     "(random_token_mask, as lightly's MAE example), vfm's in the collate, in the workers",
     "the loop: lightly's side is a plain PyTorch loop (lightly's examples), so no PyTorch Lightning overhead is "
     "counted; vfm's is the Trainer (its logging, non-finite check and gradient norm included); vfm's loader "
