@@ -8,7 +8,7 @@ import torchvision.transforms as TT
 import torchvision.transforms.functional as TF
 
 from vfm.data import photometric as P
-from vfm.data import transforms as T
+from vfm.data.crops import sample_crop_boxes
 from vfm.data.transforms import MultiCropAugmentation, normalize
 
 # Everything off: the pipeline reduces to RandomResizedCrop (+ flip) and normalisation.
@@ -83,7 +83,7 @@ def test_identity_crop_and_flip() -> None:
 def test_crop_boxes_follow_torchvision_random_resized_crop() -> None:
     g = torch.Generator().manual_seed(0)
     n, height, width, scale = 4000, 40, 30, (0.08, 1.0)
-    top, left, h, w = T._sample_crop_boxes(torch.rand(n, 4, 10, generator=g), height, width, scale)
+    top, left, h, w = sample_crop_boxes(torch.rand(n, 4, 10, generator=g), height, width, scale)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
     assert torch.equal(h, h.round()) and torch.equal(top, top.round())
     torch.manual_seed(0)
@@ -95,7 +95,7 @@ def test_crop_boxes_follow_torchvision_random_resized_crop() -> None:
     assert torch.allclose(ours.mean(0), ref.mean(0), rtol=0.06)
     assert torch.allclose(ours.std(0), ref.std(0), rtol=0.08)
     # No box fits an extreme aspect ratio at this scale: torchvision's centre-crop fallback.
-    top, left, h, w = T._sample_crop_boxes(torch.rand(5, 4, 10, generator=g), 10, 100, (0.9, 1.0))
+    top, left, h, w = sample_crop_boxes(torch.rand(5, 4, 10, generator=g), 10, 100, (0.9, 1.0))
     assert top.tolist() == [0] * 5 and left.tolist() == [43] * 5 and h.tolist() == [10] * 5 and w.tolist() == [13] * 5
 
 

@@ -15,11 +15,12 @@ from PIL import Image
 
 from conftest import compose_cfg
 from vfm.data.collate import MultiCropCollate, SupervisedCollate, stack_images
+from vfm.data.crops import sample_crop_boxes
 from vfm.data.datasets import ImageFileDataset, load_image
 from vfm.data.erasing import random_erasing
 from vfm.data.loader import build_train_loader
 from vfm.data.sampler import SeededBatchSampler
-from vfm.data.transforms import MultiCropAugmentation, _sample_crop_boxes
+from vfm.data.transforms import MultiCropAugmentation
 
 
 def _aug(size: int, **kw) -> MultiCropAugmentation:
@@ -68,11 +69,11 @@ def test_crop_boxes_cover_every_part_of_a_non_square_image():
     # boxes reach all four edges of a 60 x 200 image, and each box lies inside it
     u = torch.rand(4000, 4, 10, generator=torch.Generator().manual_seed(0))
     hw = torch.tensor([[60.0, 200.0]] * 4000, dtype=torch.float64)
-    top, left, h, w = _sample_crop_boxes(u, hw[:, 0:1], hw[:, 1:2], (0.08, 1.0))
+    top, left, h, w = sample_crop_boxes(u, hw[:, 0:1], hw[:, 1:2], (0.08, 1.0))
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 60).all() and (left + w <= 200).all()
     assert top.min() == 0 and left.min() == 0 and (top + h).max() == 60 and (left + w).max() == 200
     # per-image sizes give the same boxes as one size for all (the fixed-size path is unchanged)
-    same = _sample_crop_boxes(u, 60, 200, (0.08, 1.0))
+    same = sample_crop_boxes(u, 60, 200, (0.08, 1.0))
     assert all(torch.equal(a, b) for a, b in zip(same, (top, left, h, w)))
 
 
