@@ -15,7 +15,8 @@ from torch import nn
 from conftest import compose_cfg
 from vfm.backbones import Backbone
 from vfm.engine.optim import OptimSpec, clip_gradients, set_optimizer_values
-from vfm.methods.base import set_stochastic_depth, timm_no_weight_decay_names
+from vfm.methods.base import timm_no_weight_decay_names
+from vfm.methods.classifier import set_drop_path
 from vfm.methods.dino import DINO
 from vfm.methods.dinov2 import DINOv2
 from vfm.methods.mae import MAE
@@ -69,7 +70,7 @@ def test_uniform_drop_path_on_every_block():
     assert _drop_rates(m.student.backbone) == [pytest.approx(0.3)] * 6
     assert _drop_rates(m.teacher.backbone) == [0.0] * 6  # the teacher has none
     bb = _backbone(depth=3, drop_path_rate=0.0)
-    set_stochastic_depth(bb, 0.2, uniform=False)  # timm's ramp: 0, 0.1, 0.2
+    set_drop_path(bb, 0.2)  # timm's ramp: 0, 0.1, 0.2
     assert _drop_rates(bb) == [0.0, 0.0, pytest.approx(0.1), pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.2)]
     assert isinstance(bb.model.blocks[2].drop_path1, DropPath)
 
@@ -145,6 +146,7 @@ def test_mae_encoder_init_and_no_drop_path():
     assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
     assert vit.cls_token.std().item() == pytest.approx(0.02, rel=0.3)
     assert torch.equal(vit.blocks[0].norm1.weight, torch.ones(64))
+    assert all(n.eps == 1e-6 for n in m.decoder.modules() if isinstance(n, nn.LayerNorm))  # partial(LayerNorm, eps=1e-6)
     kept = MAE(_backbone(), decoder_dim=32, decoder_depth=1, decoder_heads=2, drop_path_rate=None, init="timm")
     assert max(_drop_rates(kept.backbone)) == pytest.approx(0.1)
 

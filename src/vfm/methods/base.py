@@ -148,20 +148,6 @@ def timm_no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def set_stochastic_depth(backbone: nn.Module, rate: float, *, uniform: bool) -> None:
-    """Set the drop-path rate of every block of a ViT `Backbone`: `rate` in each block (`uniform`,
-    DINOv2's `drop_path_uniform`) or rising linearly from 0 in the first block to `rate` in the
-    last (timm's rule, also DINO's and MAE fine-tuning's). Rate 0 removes stochastic depth (MAE
-    pretraining). Call it before the EMA teacher is copied (the teacher has none)."""
-    from timm.layers import DropPath
-
-    blocks = list(backbone.model.blocks)
-    for i, block in enumerate(blocks):
-        r = rate if uniform else rate * i / max(len(blocks) - 1, 1)
-        for attr in ("drop_path1", "drop_path2"):
-            if hasattr(block, attr):
-                setattr(block, attr, DropPath(r) if r > 0 else nn.Identity())
-
 
 def linear_head(in_dim: int, out_dim: int) -> nn.Linear:
     """A linear prediction head initialised as in BEiT / DeiT / EVA: weights from a truncated

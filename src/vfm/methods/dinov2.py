@@ -37,7 +37,8 @@ from vfm.losses.dino_loss import DINOLoss
 from vfm.losses.ibot_loss import iBOTPatchLoss, masked_patch_cross_entropy
 from vfm.losses.koleo import KoLeoLoss
 from vfm.losses.sinkhorn_knopp import sinkhorn_knopp
-from vfm.methods.base import Method, ema_update, make_ema_teacher, set_stochastic_depth
+from vfm.methods.base import Method, ema_update, make_ema_teacher
+from vfm.methods.classifier import set_drop_path
 
 
 class DINOv2Tower(nn.Module):
@@ -106,7 +107,7 @@ class DINOv2(Method):
         backbone.enable_mask_token()
         if drop_path_rate is None:
             drop_path_rate = float(backbone.create_kwargs.get("drop_path_rate", 0.0))
-        set_stochastic_depth(backbone, drop_path_rate, uniform=drop_path_uniform)
+        set_drop_path(backbone, drop_path_rate, uniform=drop_path_uniform)  # before the teacher copy: it has none
         embed_dim = int(backbone.embed_dim)
 
         def make_head(k: int) -> DINOHead:

@@ -27,7 +27,8 @@ from vfm.data.patches import patchify, unpatchify
 from vfm.data.transforms import normalize
 from vfm.heads.mae_decoder import MAEDecoder, xavier_init_
 from vfm.losses.mae_loss import MAELoss
-from vfm.methods.base import Method, set_stochastic_depth
+from vfm.methods.base import Method
+from vfm.methods.classifier import set_drop_path
 from vfm.viz.reconstruction import denormalize, reconstruction_grid
 
 
@@ -64,7 +65,7 @@ class MAE(Method):
         if init not in ("mae", "timm"):
             raise ValueError(f"method.init must be 'mae' or 'timm', got {init!r}")
         if drop_path_rate is not None:
-            set_stochastic_depth(backbone, drop_path_rate, uniform=False)
+            set_drop_path(backbone, drop_path_rate)
         if init == "mae":
             mae_init_(backbone.model)
         if fixed_pos_embed:
