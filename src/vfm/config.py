@@ -28,8 +28,9 @@ from vfm.config_ranges import out_of_range
 # The Hydra config tree lives at the repository root (conf/), next to src/; VFM_CONF_DIR overrides it.
 CONF_DIR = os.environ.get("VFM_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
-# keys of a method node that are not constructor arguments but separate components
-METHOD_COMPONENT_KEYS = ("augment", "schedules", "masking")
+# keys of a method node that are not constructor arguments but separate components (and the
+# paper whose evaluation protocol the evaluators follow: evaluator.linear.paper)
+METHOD_COMPONENT_KEYS = ("augment", "schedules", "masking", "eval_protocol")
 _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 

@@ -76,7 +76,7 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
 
 def set_paper_protocol(cfg: DictConfig) -> None:
     """An evaluator's `paper: null` (whose protocol `auto` follows: the linear probe's feature
-    recipe) becomes the `method.linear_probe` of the run that wrote the checkpoint, read from the
+    recipe) becomes the `method.eval_protocol` of the run that wrote the checkpoint, read from the
     run directory's config.yaml (the run directory itself, beside encoder.safetensors, or above
     checkpoints/last.pt); without one it stays null (the final [CLS])."""
     nodes = [node for node in (cfg.get("evaluator") or {}).values() if "paper" in node and node.paper is None]
@@ -84,8 +84,8 @@ def set_paper_protocol(cfg: DictConfig) -> None:
     run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
     if not nodes or not path.exists() or not (run_dir / "config.yaml").is_file():  # random, pixels, a lone file
         return
-    paper = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "method.linear_probe", default=None)
-    log.info("linear-probe protocol of %s: %s (method.linear_probe in %s)", cfg.checkpoint, paper, run_dir / "config.yaml")
+    paper = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "method.eval_protocol", default=None)
+    log.info("linear-probe protocol of %s: %s (method.eval_protocol in %s)", cfg.checkpoint, paper, run_dir / "config.yaml")
     for node in nodes:
         node.paper = paper
 

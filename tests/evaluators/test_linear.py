@@ -16,6 +16,7 @@ from vfm.evaluators.linear import LinearProbe
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "evaluator" / "linear.yaml"
 FAST = {"epochs": 10, "batch_size": 256}
+RECIPE_KEYS = ("linear/n_last_blocks", "linear/avgpool")  # which features the chosen head read
 
 
 def clusters(n: int, num_classes: int, seed: int, random_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +53,8 @@ def correlated(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_separable_clusters() -> None:
     m = LinearProbe(**FAST)(split_features(), num_classes=10)
-    assert set(m) == {"linear/top1", "linear/top5", "linear/val_top1", "linear/best_lr"}
+    assert set(m) == {"linear/top1", "linear/top5", "linear/val_top1", "linear/best_lr", *RECIPE_KEYS}
+    assert m["linear/n_last_blocks"] == 0 and m["linear/avgpool"] == 0  # global features
     assert m["linear/top1"] >= 99.0 and m["linear/val_top1"] >= 99.0
 
 
@@ -76,6 +78,19 @@ def test_best_lr_chosen_on_val_not_test() -> None:
     assert flipped["linear/top1"] == pytest.approx(100.0 - m["linear/top1"])
 
 
+def test_best_lr_follows_val_when_val_labels_disagree_with_test() -> None:
+    """The other direction: val labels flipped, test labels true. On val the tiny-lr head (~38%
+    on flipped labels) beats the good one (~0%), so selection on val must pick it even though it
+    is far worse on test; test is read for the chosen head only."""
+    train, val, test = correlated(1000, 0), correlated(500, 1), correlated(500, 2)
+    probe = LinearProbe(lrs=(1e-4, 1.0), **FAST)
+    honest = probe(SplitFeatures(*train, *val, *test), num_classes=2)
+    fooled = probe(SplitFeatures(*train, val[0], 1 - val[1], *test), num_classes=2)
+    assert honest["linear/best_lr"] == 1.0 and fooled["linear/best_lr"] == 1e-4
+    assert fooled["linear/top1"] < honest["linear/top1"] - 30
+    assert fooled["linear/val_top1"] > 100.0 - honest["linear/val_top1"]  # its val score is what won
+
+
 def test_deterministic() -> None:
     f = split_features(random_labels=True)  # hard task: any nondeterminism would show up
     a = LinearProbe(**FAST, seed=3)(f, num_classes=10)
@@ -96,7 +111,7 @@ def test_missing_labels_and_no_test() -> None:
     f = split_features(num_classes=3)
     f.test_x = f.test_y = None
     m = LinearProbe(**FAST)(f, num_classes=3)
-    assert set(m) == {"linear/val_top1", "linear/best_lr"}
+    assert set(m) == {"linear/val_top1", "linear/best_lr", *RECIPE_KEYS}
     f.train_y = f.train_y.clone()
     f.train_y[0] = -1
     with pytest.raises(ValueError, match="missing labels"):

@@ -1,9 +1,16 @@
 """Frozen-feature extraction shared by the kNN and linear-probe evaluators.
 
 Both protocols (DINO's weighted kNN, Caron et al. 2021, and the linear probe of MAE/DINOv2) run
-on global features of a *frozen* encoder, so the features are computed once per checkpoint and
+on features of a *frozen* encoder, so the features are computed once per checkpoint and
 optionally cached on disk; the evaluators then work on plain tensors. This mirrors the
 ``extract_features`` step of facebookresearch/dino ``eval_knn.py``.
+
+Which tokens form the feature vector is a *recipe* (`vfm.evaluators.recipes`): ``"global"`` is the encoder's own
+output (the final-norm [CLS] of a ViT, the pooled feature of a CNN; kNN and zero-shot use it);
+the linear-probe recipes of DINO's ``eval_linear.py`` concatenate the [CLS] token of the last
+``n`` blocks, each after the final norm, optionally with the mean of the last block's patch
+tokens. All recipes an evaluation needs come out of one forward pass (timm's
+``forward_intermediates``), and each is cached in its own file under its own key.
 
 Datasets are duck-typed: anything yielding ``(uint8 image [C, H, W], int label)``. Datasets that
 expose whole-split ``.images`` / ``.labels`` tensors (``vfm.data.datasets.TensorImageDataset``)
@@ -29,18 +36,25 @@ from tqdm.auto import tqdm
 
 from vfm import distributed as vdist
 from vfm.engine.device import autocast, resolve_precision
+from vfm.evaluators.recipes import GLOBAL, RECIPES, encode, extraction_plan, last_blocks, token_backbone
 from vfm.io import atomic_torch_save, load_torch
+
+__all__ = [
+    "GLOBAL", "RECIPES", "SplitFeatures", "extract_features", "extract_recipe_features", "extract_split_features",
+    "extract_split_recipes", "last_blocks", "recipe_cache_path",
+]
 
 log = logging.getLogger(__name__)
 
 _SPLITS = ("train", "val", "test")
 
-
 @dataclass
 class SplitFeatures:
-    """Global features and labels of each split, float32 ``[N, D]`` / int64 ``[N]`` on CPU.
+    """Features and labels of each split, float32 ``[N, D]`` / int64 ``[N]`` on CPU.
 
-    ``val_*`` / ``test_*`` are ``None`` when the dataset has no such split.
+    ``val_*`` / ``test_*`` are ``None`` when the dataset has no such split. ``recipe`` names what
+    the features are (``GLOBAL`` or a key of ``RECIPES``); for a recipe the columns are ``n + avgpool``
+    blocks of the encoder width: ``[CLS]`` of the oldest block first, the patch mean last.
     """
 
     train_x: Tensor
@@ -49,6 +63,7 @@ class SplitFeatures:
     val_y: Tensor | None = None
     test_x: Tensor | None = None
     test_y: Tensor | None = None
+    recipe: str = GLOBAL
 
 
 def _iter_batches(dataset: Dataset, batch_size: int, num_workers: int) -> tuple[int, Iterator[Any]]:
@@ -106,10 +121,19 @@ def _eval_input(images: Tensor, crop_size: int | None, mean: Tensor, std: Tensor
     return (x - mean) / std
 
 
+def extract_features(encoder: nn.Module, dataset: Dataset, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """The global features ``encoder(x)`` of every sample: ``(float32 [N, D], int64 [N])`` on CPU,
+    in dataset order. ``encoder(x)`` must return ``[B, D]``; ``kwargs`` as in
+    :func:`extract_recipe_features`."""
+    feats, labels = extract_recipe_features(encoder, dataset, (GLOBAL,), **kwargs)
+    return feats[GLOBAL], labels
+
+
 @torch.no_grad()
-def extract_features(
+def extract_recipe_features(
     encoder: nn.Module,
     dataset: Dataset,
+    recipes: Sequence[str],
     *,
     mean: Sequence[float],
     std: Sequence[float],
@@ -120,18 +144,19 @@ def extract_features(
     desc: str = "features",
     num_workers: int = 0,
     crop_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Encode every sample of ``dataset`` with a frozen ``encoder``.
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Encode every sample of ``dataset`` with a frozen ``encoder``, once, for every recipe.
 
     Images are scaled to [0, 1] and normalised with ``mean`` / ``std`` (per channel) before the
-    forward, exactly like the eval transforms of DINO / MAE. ``encoder(x)`` must return global
-    features ``[B, D]``.
+    forward, exactly like the eval transforms of DINO / MAE.
 
     Args:
         encoder: the network to evaluate. It runs in eval mode on ``device``; afterwards every
             submodule's train/eval flag is restored and, if it had to be moved, it is moved back
             to the device it came from (so a trainer's model is never left on the wrong device).
         dataset: yields ``(uint8 image [C, H, W], int label)``.
+        recipes: ``GLOBAL`` and/or keys of ``RECIPES``, as resolved by `extraction_plan` (a
+            recipe an encoder cannot give is an error here).
         mean, std: per-channel normalisation, in [0, 1] units.
         batch_size: images per forward.
         device: where the forward runs.
@@ -145,31 +170,32 @@ def extract_features(
             folder datasets store training images at ``load_size`` > ``img_size``).
 
     Returns:
-        ``(features float32 [N, D], labels int64 [N])`` on CPU, in dataset order.
+        ``({recipe: float32 [N, D_recipe]}, labels int64 [N])`` on CPU, in dataset order.
     """
+    recipes = tuple(dict.fromkeys(recipes))
+    if any(r != GLOBAL for r in recipes) and token_backbone(encoder) is None:
+        raise ValueError(f"recipes {recipes} need a ViT Backbone with a [CLS] token; resolve them with extraction_plan")
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     precision = resolve_precision(precision, device)[0]  # a ValueError for an unknown one
     mean_t = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_t = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    feats: list[Tensor] = []
+    feats: dict[str, list[Tensor]] = {r: [] for r in recipes}
     labs: list[Tensor] = []
     with _frozen_on(encoder, device):
         num_batches, batches = _iter_batches(dataset, batch_size, num_workers)
         for images, labels in tqdm(batches, total=num_batches, desc=desc, disable=not progress, leave=False):
             x = _eval_input(images.to(device, non_blocking=True), crop_size, mean_t, std_t)
             with autocast(precision, device):  # a fresh context per forward: only the forward is cast
-                out = encoder(x)
-            if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
-                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(f"encoder must return global features [B, D]; got {shape} for B={x.shape[0]}")
-            feats.append(out.float().cpu())
+                out = encode(encoder, x, recipes)
+            for r in recipes:
+                feats[r].append(out[r].float().cpu())
             labs.append(torch.as_tensor(labels, dtype=torch.int64).reshape(-1).cpu())
 
-    if not feats:
-        return torch.empty(0, 0), torch.empty(0, dtype=torch.int64)
-    return torch.cat(feats), torch.cat(labs)
+    if not labs:
+        return {r: torch.empty(0, 0) for r in recipes}, torch.empty(0, dtype=torch.int64)
+    return {r: torch.cat(f) for r, f in feats.items()}, torch.cat(labs)
 
 
 def _cache_matches(cached: Any, cache_key: str, splits: Any) -> bool:
@@ -191,6 +217,34 @@ def _cache_matches(cached: Any, cache_key: str, splits: Any) -> bool:
     return len(dims) == 1
 
 
+def recipe_cache_path(path: str | Path, recipe: str) -> Path:
+    """Where ``recipe``'s features of a cache ``path`` live: ``path`` itself for ``GLOBAL``,
+    ``<stem>.<recipe><suffix>`` beside it otherwise (recipes never overwrite each other)."""
+    path = Path(path)
+    return path if recipe == GLOBAL else path.with_name(f"{path.stem}.{recipe}{path.suffix}")
+
+
+def _recipe_key(cache_key: str, recipe: str) -> str:
+    return cache_key if recipe == GLOBAL else f"{cache_key}|{recipe}"
+
+
+def _load_cache(path: Path, cache_key: str, splits: Any, recipe: str) -> SplitFeatures | None:
+    """The cached features at ``path`` if they were written under ``cache_key`` for these splits."""
+    if not path.is_file():
+        return None
+    try:
+        cached = load_torch(path)
+    # A truncated or foreign file must not kill the evaluation: recompute instead.
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+        log.warning("ignoring unreadable feature cache %s (%s)", path, err)
+        return None
+    if not _cache_matches(cached, cache_key, splits):
+        log.info("feature cache %s is stale (key or sizes differ); recomputing", path)
+        return None
+    log.info("loaded cached features from %s", path)
+    return SplitFeatures(**{f"{n}_{v}": cached[f"{n}_{v}"] for n in _SPLITS for v in "xy"}, recipe=recipe)
+
+
 def extract_split_features(
     encoder: nn.Module,
     splits: Any,
@@ -199,55 +253,82 @@ def extract_split_features(
     cache_key: str = "",
     **kwargs: Any,
 ) -> SplitFeatures:
-    """Extract features for the train / val / test splits of a ``DataSplits``-like object.
+    """The global features (``encoder(x)``) of the train / val / test splits of a
+    ``DataSplits``-like object; arguments as in :func:`extract_split_recipes`."""
+    return extract_split_recipes(encoder, splits, (GLOBAL,), cache_path=cache_path, cache_key=cache_key, **kwargs)[GLOBAL]
+
+
+def extract_split_recipes(
+    encoder: nn.Module,
+    splits: Any,
+    recipes: Sequence[str],
+    *,
+    cache_path: str | Path | None = None,
+    cache_key: str = "",
+    **kwargs: Any,
+) -> dict[str, SplitFeatures]:
+    """Features of every recipe in ``recipes`` for the train / val / test splits, from one pass.
 
     Args:
-        encoder: frozen encoder, see :func:`extract_features`.
+        encoder: frozen encoder, see :func:`extract_recipe_features`.
         splits: has ``train``, ``val``, ``test`` (datasets or ``None``), ``mean`` and ``std``.
-        cache_path: optional file; when it exists, was written with the same ``cache_key`` and
-            holds features of the right sizes, it is loaded instead of running the encoder.
-            Otherwise the features are computed and saved there atomically.
+        recipes: ``GLOBAL`` and/or keys of ``RECIPES``; one the encoder cannot give falls back
+            (`extraction_plan`) and its entry is then the fallback's features (see ``.recipe``).
+        cache_path: optional file for the ``GLOBAL`` features; another recipe's file is
+            `recipe_cache_path`. A file that exists, was written under the same key and holds
+            features of the right sizes is loaded instead of running the encoder; the others are
+            computed (one forward for all of them) and saved atomically.
         cache_key: identifies what produced the features (e.g. checkpoint path + step + dataset);
-            a different key invalidates the cache.
-        **kwargs: forwarded to :func:`extract_features`; ``mean`` / ``std`` default to
+            a different key invalidates the cache. A recipe's key adds its name.
+        **kwargs: forwarded to :func:`extract_recipe_features`; ``mean`` / ``std`` default to
             ``splits.mean`` / ``splits.std``.
-    """
-    path = Path(cache_path) if cache_path is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = load_torch(path)
-        # A truncated or foreign file must not kill the evaluation: recompute instead.
-        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-            log.warning("ignoring unreadable feature cache %s (%s)", path, err)
-            cached = None
-        if _cache_matches(cached, cache_key, splits):
-            log.info("loaded cached features from %s", path)
-            return SplitFeatures(**{k: cached[k] for k in SplitFeatures.__dataclass_fields__})
-        if cached is not None:
-            log.info("feature cache %s is stale (key or sizes differ); recomputing", path)
 
+    Returns:
+        {recipe asked for: its `SplitFeatures`}.
+    """
+    plan = extraction_plan(encoder, recipes)
+    path = Path(cache_path) if cache_path is not None else None
+    done: dict[str, SplitFeatures] = {}
+    for r in dict.fromkeys(plan.values()):
+        cached = path and _load_cache(recipe_cache_path(path, r), _recipe_key(cache_key, r), splits, r)
+        if cached is not None:
+            done[r] = cached
+    missing = [r for r in dict.fromkeys(plan.values()) if r not in done]
+    if missing:
+        computed, sizes = _extract_splits(encoder, splits, missing, **kwargs)
+        done.update(computed)
+        # Under torchrun every process extracts; one writer is enough (the others would only race
+        # to replace the file with identical content).
+        if path is not None and vdist.is_main_process():
+            for r in missing:
+                out = {f"{n}_{v}": getattr(computed[r], f"{n}_{v}") for n in _SPLITS for v in "xy"}
+                atomic_torch_save({"key": _recipe_key(cache_key, r), **out, **sizes}, recipe_cache_path(path, r))
+                log.info("saved %s features to %s", r, recipe_cache_path(path, r))
+    return {r: done[plan[r]] for r in recipes}
+
+
+def _extract_splits(
+    encoder: nn.Module, splits: Any, recipes: Sequence[str], **kwargs: Any
+) -> tuple[dict[str, SplitFeatures], dict[str, int]]:
+    """({recipe: SplitFeatures}, {"<split>_n": dataset size}) without labels < 0 (e.g. STL-10's
+    unlabelled images in the pretraining split)."""
     kwargs.setdefault("mean", splits.mean)
     kwargs.setdefault("std", splits.std)
     kwargs.setdefault("crop_size", getattr(splits, "img_size", None))
     desc = kwargs.pop("desc", "features")
-    out: dict[str, Tensor | None] = {}
+    out: dict[str, dict[str, Tensor | None]] = {r: {} for r in recipes}
     for name in _SPLITS:
         ds = getattr(splits, name, None)
-        x = y = None
+        xs: dict[str, Tensor | None] = dict.fromkeys(recipes)
+        y = None
         if ds is not None:
-            x, y = extract_features(encoder, ds, desc=f"{desc}/{name}", **kwargs)
-            if bool((y < 0).any()):  # e.g. STL-10's unlabelled images in the pretraining split
+            xs, y = extract_recipe_features(encoder, ds, recipes, desc=f"{desc}/{name}", **kwargs)
+            if bool((y < 0).any()):
                 keep = y >= 0
                 log.info("%s: dropping %d unlabelled samples from evaluation", name, int((~keep).sum()))
-                x, y = x[keep], y[keep]
-        out[f"{name}_x"], out[f"{name}_y"] = x, y
-    features = SplitFeatures(**out)
-
-    # Under torchrun every process extracts; one writer is enough (the others would only race to
-    # replace the file with identical content).
-    if path is not None and vdist.is_main_process():
-        # dataset sizes too: unlabelled samples are dropped from x/y, so len(x) may be < len(ds)
-        sizes = {f"{n}_n": len(getattr(splits, n)) for n in _SPLITS if getattr(splits, n, None) is not None}
-        atomic_torch_save({"key": cache_key, **out, **sizes}, path)
-        log.info("saved features to %s", path)
-    return features
+                xs, y = {r: x[keep] for r, x in xs.items()}, y[keep]
+        for r in recipes:
+            out[r][f"{name}_x"], out[r][f"{name}_y"] = xs[r], y
+    # dataset sizes too: unlabelled samples are dropped from x/y, so len(x) may be < len(ds)
+    sizes = {f"{n}_n": len(getattr(splits, n)) for n in _SPLITS if getattr(splits, n, None) is not None}
+    return {r: SplitFeatures(**v, recipe=r) for r, v in out.items()}, sizes

@@ -39,7 +39,12 @@ __all__ = ["DenseEvaluator", "Evaluator", "FrozenFeatureEvaluator", "ImageTextEv
 
 
 class FrozenFeatureEvaluator(ABC):
-    """Evaluates frozen global features (extracted once per encoder, shared)."""
+    """Evaluates frozen features (extracted once per encoder and recipe, shared)."""
+
+    def feature_recipe(self, encoder: nn.Module) -> str:
+        """Which features of `encoder` it evaluates (`vfm.evaluators.recipes`): the global one
+        unless it says otherwise (the linear probe's paper recipes)."""
+        return "global"
 
     @abstractmethod
     def __call__(self, features: SplitFeatures, num_classes: int) -> dict[str, float]:

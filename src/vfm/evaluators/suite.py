@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from vfm.evaluators.dense_features import DenseInputs
-from vfm.evaluators.features import extract_split_features
+from vfm.evaluators.features import GLOBAL, extract_split_recipes
 from vfm.evaluators.protocols import (
     DenseEvaluator,
     Evaluator,
@@ -56,11 +56,12 @@ def run_evaluators(
 ) -> dict[str, float]:
     """Return {prefix + metric: value} from every evaluator in `evaluators` (name -> evaluator).
 
-    Frozen-feature and image-text evaluators share one extraction of the encoder's features
-    (cached in `cache_path` under `cache_key`); image-text ones also get the class names and
-    `text_model`. Evaluators that train the encoder get `checkpoint_dir = work_dir / (prefix +
-    name)` (e.g. `<run>/finetune`, `<run>/eval/baseline/finetune`) when `work_dir` is given, so
-    running the same evaluation again resumes them. Dense evaluators (segmentation, attention
+    Frozen-feature and image-text evaluators share one extraction of the encoder's features, one
+    set per recipe they name (cached in `cache_path` under `cache_key`, other recipes beside it);
+    image-text ones also get the class names and `text_model`. Evaluators that train the encoder
+    get `checkpoint_dir = work_dir / (prefix + name)` (e.g. `<run>/finetune`,
+    `<run>/eval/baseline/finetune`) when `work_dir` is given, so running the same evaluation again
+    resumes them. Dense evaluators (segmentation, attention
     Jaccard) run the encoder on the masked splits themselves and save their figures under the same
     `work_dir / (prefix + name)`; `on_figure(prefix + tag, [3, H, W] image)` receives each figure
     (e.g. to log it to TensorBoard). `distributed=False`: only this process
@@ -70,11 +71,15 @@ def run_evaluators(
     if not evaluators:
         return {}
     check_evaluators(evaluators, has_text_model=text_model is not None)
-    feats = None
-    if any(isinstance(ev, (FrozenFeatureEvaluator, ImageTextEvaluator)) for ev in evaluators.values()):
-        feats = extract_split_features(
-            encoder, splits, cache_path=cache_path, cache_key=cache_key, batch_size=batch_size,
-            device=device, precision=precision, progress=progress,
+    # each frozen-feature evaluator names the features it reads (kNN the global one, the linear
+    # probe its paper's recipe); all of them come out of one pass over the data
+    recipes = {name: ev.feature_recipe(encoder) if isinstance(ev, FrozenFeatureEvaluator) else GLOBAL
+               for name, ev in evaluators.items() if isinstance(ev, (FrozenFeatureEvaluator, ImageTextEvaluator))}
+    feats = {}
+    if recipes:
+        feats = extract_split_recipes(
+            encoder, splits, tuple(dict.fromkeys(recipes.values())), cache_path=cache_path, cache_key=cache_key,
+            batch_size=batch_size, device=device, precision=precision, progress=progress,
         )
     metrics: dict[str, float] = {}
     for name, evaluator in evaluators.items():
@@ -89,9 +94,9 @@ def run_evaluators(
             out = evaluator(encoder, splits, device=device, checkpoint_dir=checkpoint_dir, distributed=distributed)
         elif isinstance(evaluator, ImageTextEvaluator):
             assert text_model is not None  # check_evaluators
-            out = evaluator(feats, splits.num_classes, class_names=splits.class_names, text_model=text_model)
+            out = evaluator(feats[recipes[name]], splits.num_classes, class_names=splits.class_names, text_model=text_model)
         else:
-            out = evaluator(feats, splits.num_classes)
+            out = evaluator(feats[recipes[name]], splits.num_classes)
         metrics.update({f"{prefix}{k}": float(v) for k, v in out.items()})
     return metrics
 
