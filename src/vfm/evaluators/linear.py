@@ -21,8 +21,8 @@ follows (``paper``, from the method config's ``eval_protocol`` key):
 - ``optimizer``: SGD + momentum (DINO, DINOv2), or MAE's LARS (``lars``; trust coefficient
   0.001, no scaling or decay of the bias).
 
-Features are pre-extracted once, without augmentation (as in DINOv2's linear eval); DINO and
-MAE train on RandomResizedCrop + flip views instead.
+Features are pre-extracted once from centre crops, without augmentation, so a probe costs seconds;
+DINO, MAE and DINOv2 train through the frozen encoder on RandomResizedCrop + flip views instead.
 """
 
 from __future__ import annotations
