@@ -223,3 +223,31 @@ def test_mae_paper_config_matches_official():
         1.5e-4, "linear", 256, 0.0, 40)
     assert (optim.weight_decay, optim.weight_decay_end, optim.betas, optim.clip_grad) == (0.05, 0.05, (0.9, 0.95), 0.0)
     assert optim.peak_lr(4096) == pytest.approx(2.4e-3)
+
+
+def test_trainer_freezes_dinov2_last_layer_by_zero_lr(tmp_path, monkeypatch):
+    """The engine passes last_layer_lr=0 while `freeze_last_layer` is on: the last layer does not move
+    although its gradients exist, while the rest of the student trains."""
+    from conftest import tiny_method_overrides
+    from vfm import pretrain
+    from vfm.engine import trainer as vtrainer
+
+    cfg = compose_cfg(tiny_method_overrides("dinov2", {"teacher": "", "tokenizer": ""}) + [
+        "trainer.max_steps=2", "trainer.precision=fp32", "evaluator=[]", "eval.baseline=false", "logger=none",
+        "method.schedules.freeze_last_layer.epochs=2"], tmp_path)
+    parts = pretrain.build_components(cfg, tmp_path)
+    head = parts.method.student.dino_head
+    last_before = head.last_layer_v.detach().clone()
+    qkv_before = parts.method.student.backbone.model.blocks[0].attn.qkv.weight.detach().clone()
+    seen: list[float | None] = []
+    real = vtrainer.set_optimizer_values
+
+    def record(opt, lr, wd, last_layer_lr=None):
+        seen.append(last_layer_lr)
+        real(opt, lr, wd, last_layer_lr=last_layer_lr)
+
+    monkeypatch.setattr(vtrainer, "set_optimizer_values", record)
+    pretrain.train(cfg, parts, tmp_path)
+    assert seen == [0.0, 0.0]
+    assert torch.equal(head.last_layer_v, last_before)
+    assert not torch.equal(parts.method.student.backbone.model.blocks[0].attn.qkv.weight, qkv_before)
