@@ -10,6 +10,7 @@ collate                     keys
 ``MultiCropCollate``        ``crops``, ``label`` (+ ``masks`` with a masking function)
 ``SupervisedCollate``       ``crops`` (one, mixed), ``label``, ``target``
 ``ImageTextCollate``        ``crops``, ``text``, ``captions``, ``label``
+``MultiBlockCollate``       ``crops`` (one), ``label``, ``context_ids``, ``target_ids`` (I-JEPA)
 any of them, ``deferred()`` ``images``, ``seed``, ``label`` (+ ``mix_rng``, ``text``, ``captions``)
 ==========================  ===================================================================
 
@@ -47,6 +48,8 @@ class Batch(TypedDict, total=False):
     - ``text``: the tokenized captions, token ids int64 ``[B, L]``, or a dict of such tensors
       (ids, attention mask) for tokenizers that return one (CLIP).
     - ``captions``: ``list[str]`` of length ``B``, the raw captions (logging, visualisation).
+    - ``context_ids``, ``target_ids``: int64 ``[n_blocks, B, K]``, I-JEPA's context and target
+      blocks as row-major patch indices (:mod:`vfm.data.multiblock`), ``K`` patches per block.
 
     Keys of a deferred batch (built by ``collate.deferred()`` in the loader workers, replaced by
     ``crops`` / ``masks`` / ``target`` in ``collate.finish``):
@@ -69,6 +72,8 @@ class Batch(TypedDict, total=False):
     target: Tensor
     text: Tensor | dict[str, Tensor]
     captions: list[str]
+    context_ids: Tensor
+    target_ids: Tensor
     images: Tensor
     seed: int
     sizes: list[tuple[int, int]]
