@@ -24,11 +24,11 @@ FAST = {"epochs": 8, "batch_size": 256}
 @pytest.mark.parametrize(("paper", "width", "expected"), [
     ("dino", 384, "last4_cls"), ("dino", 192, "last4_cls"), ("dino", 768, "cls_avgpool"),
     ("ibot", 384, "last4_cls"), ("ibot", 1024, "cls_avgpool"),
-    ("dinov2", 384, "grid"), ("mae", 768, "cls"), (None, 384, "cls"),
+    ("dinov2", 384, "grid"), ("mae", 768, "cls"), (None, 384, "global"),
 ])
 def test_paper_features(paper: str | None, width: int, expected: str) -> None:
     """DINO eval_linear.py: n_last_blocks 4 for ViT-S, 1 + avgpool for ViT-B (iBOT run.sh the
-    same); DINOv2 the grid; MAE --cls_token."""
+    same); DINOv2 the grid; MAE --cls_token; without a paper, the encoder's own global feature."""
     assert paper_features(paper, width) == expected
 
 
@@ -38,6 +38,7 @@ def test_auto_resolves_against_the_encoder() -> None:
     assert LinearProbe(paper="dino").feature_recipe(vit) == "last4_cls"
     assert LinearProbe(paper="dinov2").feature_recipe(vit) == "last4_cls_avgpool"  # the grid's superset
     assert LinearProbe(paper="mae").feature_recipe(vit) == "cls"
+    assert LinearProbe().feature_recipe(vit) == "global"  # e.g. BEiT's mean-pooled global feature stays
     assert LinearProbe(paper="dino", features="cls_avgpool").feature_recipe(vit) == "cls_avgpool"  # explicit wins
     assert LinearProbe(paper="mae").norm == "batchnorm" and LinearProbe(paper="dino").norm == "standardize"
     assert LinearProbe(paper="mae", norm="standardize").norm == "standardize"

@@ -56,7 +56,7 @@ def test_dino_eval_linear_input(recipe: str, n: int, avgpool: bool) -> None:
     ("ibot", "vit_base", "cls_avgpool", "standardize"),   # else -> 1 block, avgpool 2
     ("dinov2", "vit_base", "grid", "standardize"),        # eval/linear.py: [1, 4] x [False, True]
     ("mae", "vit_base", "cls", "batchnorm"),              # main_linprobe.py --cls_token, BatchNorm1d(affine=False)
-    ("supervised", "vit_small", "cls", "standardize"),
+    ("supervised", "vit_small", "global", "standardize"),  # no paper protocol: the encoder's own feature
 ])
 def test_paper_config_recipe(method: str, backbone: str, features: str, norm: str) -> None:
     cfg = compose_cfg([f"method={method}", f"backbone={backbone}", "~recipe"])

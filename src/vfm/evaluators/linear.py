@@ -13,7 +13,9 @@ follows (``paper``, from the method config's ``eval_protocol`` key):
 - ``features`` (`vfm.evaluators.recipes`): DINO and iBOT concatenate the [CLS] token of the
   last 4 blocks for ViT-S (``last4_cls``) and the last [CLS] with the mean patch token for ViT-B
   (``cls_avgpool``); DINOv2 trains heads on {1, 4} blocks x {with, without} the patch mean
-  (``grid``) and keeps the best on validation; MAE and the others read the final [CLS] (``cls``).
+  (``grid``) and keeps the best on validation; MAE reads the final [CLS] (``cls``); a method
+  without a paper protocol reads the encoder's own global feature (``global``, as kNN does: the
+  final [CLS] of a ViT, the mean patch token of timm's BEiT and EVA-02, a CNN's pooled feature).
 - ``norm``: MAE puts ``BatchNorm1d(affine=False, eps=1e-6)`` in front of its linear head
   (``batchnorm``: batch statistics in training, running ones at evaluation); the default
   standardises with the training set's per-dimension mean/std (``standardize``), which makes
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 # best lr is an interior point for very easy / very hard feature sets.
 DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 PAPERS = ("dino", "ibot", "dinov2", "mae")
-FEATURES = ("auto", *RECIPES, "grid")
+FEATURES = ("auto", GLOBAL, *RECIPES, "grid")
 NORMS = ("auto", "standardize", "batchnorm")
 OPTIMIZERS = ("sgd", "lars")
 VIT_BASE_WIDTH = 768  # DINO / iBOT: ViT-S (384) and narrower take last4_cls, ViT-B and wider cls_avgpool
@@ -63,7 +65,9 @@ def paper_features(paper: str | None, width: int) -> str:
         return "cls_avgpool" if width >= VIT_BASE_WIDTH else "last4_cls"
     if paper == "dinov2":  # eval/linear.py: n_last_blocks_list [1, 4] x avgpool [False, True]
         return "grid"
-    return "cls"  # MAE main_linprobe.py --cls_token; the final [CLS] for every other method
+    if paper == "mae":  # main_linprobe.py --cls_token
+        return "cls"
+    return GLOBAL  # no paper protocol: the encoder's own global feature, as kNN
 
 
 def _check_choice(name: str, value: str | None, choices: Sequence[str | None]) -> None:
@@ -82,9 +86,10 @@ class LinearProbe(FrozenFeatureEvaluator):
         weight_decay: L2 penalty on the weights (not the bias), shared by all heads.
         momentum: SGD (and LARS) momentum.
         seed: seeds the mini-batch order and the validation carve-out.
-        features: ``cls``, ``last4_cls``, ``cls_avgpool``, ``last4_cls_avgpool`` (see
-            `vfm.evaluators.recipes`), ``grid`` (all four, chosen on validation) or ``auto`` (the
-            recipe of ``paper``). Encoders without a [CLS] token use their pooled global feature.
+        features: ``global`` (the encoder's output), ``cls``, ``last4_cls``, ``cls_avgpool``,
+            ``last4_cls_avgpool`` (see `vfm.evaluators.recipes`), ``grid`` (the last four, chosen
+            on validation) or ``auto`` (the recipe of ``paper``; ``global`` without one). Encoders
+            without a [CLS] token use their pooled global feature.
         paper: whose protocol ``auto`` follows: ``dino``, ``ibot``, ``dinov2``, ``mae`` or None.
         norm: ``standardize`` (train mean/std), ``batchnorm`` (MAE) or ``auto`` (``batchnorm``
             for ``paper=mae``, else ``standardize``).
@@ -150,7 +155,7 @@ class LinearProbe(FrozenFeatureEvaluator):
         """Return ``linear/top1`` (+ ``linear/top5`` when ``num_classes >= 5``) on the test split
         for the head with the best validation accuracy, that accuracy as ``linear/val_top1``, its
         learning rate as ``linear/best_lr`` and its features as ``linear/n_last_blocks`` (0: the
-        encoder's pooled global feature) and ``linear/avgpool`` (0 or 1). Accuracies in percent.
+        encoder's own global feature) and ``linear/avgpool`` (0 or 1). Accuracies in percent.
         Without a test split only the validation keys are returned."""
         device = torch.device(self.device)
         gen = torch.Generator().manual_seed(self.seed)
