@@ -278,7 +278,7 @@ CLIP = {  # mlfoundations/open_clip: params.py defaults, get_default_params for 
     "optim.weight_decay": 0.2,  # --wd
     "optim.min_lr": 0.0,  # cosine_lr to 0
     "optim.clip_grad": 0.0,  # --grad-clip-norm None
-    "method.embedding_weight_decay": True,  # legacy_main.py exclude rule
+    "method.decay_embeddings": True,  # legacy_main.py exclude rule
     "backbone.model_kwargs.pre_norm": True,  # ln_pre
 }
 
@@ -309,6 +309,6 @@ def test_clip_weight_decay_groups_follow_open_clip():
     assert "backbone.model.norm_pre.weight" in groups["no_decay"]
     assert "backbone.model.pos_embed" in groups["decay"] and "text_tower.positional_embedding" in groups["decay"]
     assert "image_projection.weight" in groups["decay"] and "text_tower.token_embedding.weight" in groups["decay"]
-    method.embedding_weight_decay = False  # open_clip's current make_wd_exclude: no_weight_decay() names too
+    method.decay_embeddings = False  # open_clip's current make_wd_exclude: no_weight_decay() names too
     groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in method.param_groups()}
     assert {"backbone.model.pos_embed", "text_tower.positional_embedding"} <= groups["no_decay"]

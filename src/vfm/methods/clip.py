@@ -49,7 +49,7 @@ class CLIP(Method):
         init_logit_scale: log(1 / 0.07), CLIP's initial temperature.
         max_logit_scale: the clamp of exp(logit_scale) (100 in CLIP).
         local_loss: open_clip's local-loss option (see `CLIPLoss`).
-        embedding_weight_decay: whether the position embeddings get weight decay: yes with the rule of
+        decay_embeddings: whether the position embeddings get weight decay: yes with the rule of
             open_clip's published runs (`legacy_main.py`: only `ndim < 2`, norms, biases and
             `logit_scale` are exempt); False follows its current `optim.make_wd_exclude`, which also
             exempts the models' `no_weight_decay()` position embeddings.
@@ -66,7 +66,7 @@ class CLIP(Method):
         init_logit_scale: float = math.log(1 / 0.07),
         max_logit_scale: float = 100.0,
         local_loss: bool = False,
-        embedding_weight_decay: bool = True,
+        decay_embeddings: bool = True,
     ) -> None:
         super().__init__()
         if int(text_tower.output_dim) != embed_dim:
@@ -84,7 +84,7 @@ class CLIP(Method):
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
         self.max_log_scale = math.log(max_logit_scale)
         self.loss_fn = CLIPLoss(local_loss=local_loss)
-        self.embedding_weight_decay = embedding_weight_decay
+        self.decay_embeddings = decay_embeddings
 
     @property
     def encoder(self) -> nn.Module:
@@ -125,14 +125,14 @@ class CLIP(Method):
         """open_clip `legacy_main.py`: no weight decay where `p.ndim < 2` or the name has "bn", "ln"
         or "bias" or is `logit_scale`; timm's `cls_token` is [1, 1, D] where open_clip's
         `class_embedding` is 1-D, so it is exempt too. Position embeddings (2-D there) decay unless
-        `embedding_weight_decay` is False."""
+        `decay_embeddings` is False."""
         embeddings = ("pos_embed", "positional_embedding", "reg_token")
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             exempt = p.ndim < 2 or name.endswith((".bias", "cls_token")) or name == "logit_scale"
-            exempt |= not self.embedding_weight_decay and name.endswith(embeddings)
+            exempt |= not self.decay_embeddings and name.endswith(embeddings)
             (no_decay if exempt else decay).append(p)
         return [
             {"params": decay, "wd_mult": 1.0, "lr_mult": 1.0, "name": "decay"},
