@@ -23,7 +23,6 @@ GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evalua
 NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
                ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root",
                ("experiment", "dinov2_vit_large_imagenet"): "dataset.root",
-               ("experiment", "dinov2_vit_large_imagenet"): "dataset.root",
                ("dataset", "image_text_csv"): "dataset.train_csv", ("dataset", "webdataset"): "dataset.urls",
                ("method", "clip"): "dataset=fashion_mnist_captions", ("method", "siglip"): "dataset=fashion_mnist_captions",
                ("method", "beit"): "method.tokenizer", ("method", "vqkd"): "method.teacher",
