@@ -21,6 +21,7 @@ from vfm.methods.dino import DINO
 
 GROUPS = ["backbone", "method", "dataset", "optim", "trainer", "logger", "evaluator", "experiment"]
 NEEDS_VALUE = {("dataset", "imagefolder"): "dataset.root", ("dataset", "unlabeled_folder"): "dataset.root",
+               ("dataset", "segmentation_folder"): "dataset.root",
                ("backbone", "timm"): "backbone.name", ("experiment", "dino_vit_small_imagenet"): "dataset.root",
                ("experiment", "dinov2_vit_large_imagenet"): "dataset.root",
                ("dataset", "image_text_csv"): "dataset.train_csv", ("dataset", "webdataset"): "dataset.urls",

@@ -87,6 +87,7 @@ def needs(dataset: str, tmp_path: Path) -> list[str]:
     data = tmp_path / "data"
     return {
         "imagefolder": lambda: [f"dataset.root={_image_folder(data)}"],
+        "segmentation_folder": lambda: [f"dataset.root={_image_folder(data)}", NO_LABELS],
         "unlabeled_folder": lambda: [f"dataset.root={_image_folder(data)}", NO_LABELS],
         "image_text_csv": lambda: [f"dataset.train_csv={_csv(data)}", NO_LABELS],
         "webdataset": lambda: [f"dataset.urls={_shard(data)}", NO_LABELS],
