@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vfm import distributed as vdist
 from vfm.backbones.loading import EncoderLoadError, load_pretrained_encoder
+from vfm.backbones.pixels import PixelEncoder
 from vfm.cli import check_command_line, check_run_dir, run_or_exit
 from vfm.config import (
     CONF_DIR,
@@ -39,7 +40,6 @@ from vfm.config import (
     register_resolvers,
     validate_evaluate,
 )
-from vfm.backbones.pixels import PixelEncoder
 from vfm.engine.checkpoint import CheckpointError, load_checkpoint
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
