@@ -30,13 +30,7 @@ def eva_forward_tokens(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor |
     `mask` [B, N] bool replaces those patch embeddings with `backbone.mask_token`."""
     m = backbone.model
     backbone._select_attention(x.device)
-    t = m.patch_embed(x)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
-    if mask is not None:
-        if backbone.mask_token is None:
-            raise ValueError("forward_tokens(mask=...) needs a backbone built with mask_token=True")
-        flat = t.reshape(t.shape[0], -1, t.shape[-1])
-        flat = torch.where(mask.reshape(t.shape[0], -1, 1), backbone.mask_token.to(flat.dtype), flat)
-        t = flat.reshape(t.shape)
+    t = backbone.masked_patch_embed(x, mask)  # [B, N, D], or [B, H, W, D] with dynamic_img_size
     t, rope = m._pos_embed(t)  # + [CLS] and the absolute position embedding; the rotary table
     t = m.norm_pre(t)
     per_block = getattr(m, "rope_mixed", False) and rope is not None  # timm's depth-dependent RoPE variant

@@ -176,6 +176,18 @@ class Backbone(nn.Module):
         self._select_attention(x.device)
         return self.model(x)
 
+    def masked_patch_embed(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The patch embeddings of `x` (`[B, N, D]`, or `[B, H, W, D]` with dynamic_img_size), those
+        where `mask` ([B, N] bool) is True replaced by the mask token (BEiT / iBOT / EVA)."""
+        t = self.model.patch_embed(x)
+        if mask is None:
+            return t
+        if self.mask_token is None:
+            raise ValueError("forward_tokens(mask=...) needs a backbone built with mask_token=True")
+        flat = t.reshape(t.shape[0], -1, t.shape[-1])
+        flat = torch.where(mask.reshape(t.shape[0], -1, 1), self.mask_token.to(flat.dtype), flat)
+        return flat.reshape(t.shape)
+
     def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Run a ViT and return {"global": [B, D], "patch": [B, N, D], "prefix": [B, P, D]}.
 
@@ -188,13 +200,7 @@ class Backbone(nn.Module):
             return eva_forward_tokens(self, x, mask)
         self._select_attention(x.device)
         m = self.model
-        t = m.patch_embed(x)  # [B, H, W, D] with dynamic_img_size, else [B, N, D]
-        if mask is not None:
-            if self.mask_token is None:
-                raise ValueError("forward_tokens(mask=...) needs a backbone built with mask_token=True")
-            flat = t.reshape(t.shape[0], -1, t.shape[-1])
-            flat = torch.where(mask.reshape(t.shape[0], -1, 1), self.mask_token.to(flat.dtype), flat)
-            t = flat.reshape(t.shape)
+        t = self.masked_patch_embed(x, mask)
         if self.family == "beit":  # timm Beit.forward_features after its patch embedding
             t = torch.cat([m.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
             t = m.pos_drop(t if m.pos_embed is None else t + m.pos_embed)
