@@ -12,7 +12,7 @@ CKPT ?= outputs/pretrain/default/checkpoints/last.pt
 SWEEP ?= multirun/pretrain
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev data pretrain evaluate visualize test test-fast test-faults golden report lint bench tensorboard clean
+.PHONY: help install install-dev data pretrain evaluate visualize test test-fast test-faults golden results report lint bench tensorboard clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ test-faults: $(DEV_STAMP) ## only the fault tests (kill -9, torn files, NaN on o
 golden: $(DEV_STAMP) ## rewrite the golden per-step losses after a deliberate change (review the diff!)
 	VFM_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_golden.py
 	git diff --stat tests/golden
+
+results: data ## every method's CPU recipe and chains -> docs/results.md + README table (hours on 2 cores; resumes; ROWS=dino,eva; QUICK=1)
+	$(BIN)/python scripts/results.py $(if $(ROWS),--rows $(ROWS),)
 
 report: $(DEV_STAMP) ## results table + plot of a sweep: make report SWEEP=multirun/pretrain
 	$(BIN)/python scripts/collect_results.py $(SWEEP)
