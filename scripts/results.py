@@ -66,7 +66,22 @@ def rows(out: str) -> list[Row]:
         Row("beit_vqkd", "BEiT v2 (VQ-KD codes)", ("method=beit", f"method.tokenizer={out}/vqkd"), needs=("vqkd",)),
         Row("distill", "distilled small ViT (DINO teacher)", ("method=distill", f"method.teacher={out}/dino"), needs=("dino",)),
         Row("dino_small", "the same small ViT, DINO from scratch", ("experiment=dino_fashion_mnist_small_student",)),
+        *dense_rows(out),
     ]
+
+
+DENSE_SOURCES = ("dino", "ibot", "dinov2", "mae", "supervised")
+DENSE_EVAL = ("dataset=fashion_mnist_segmentation", "evaluator=[segmentation,attention_jaccard]",
+              "evaluator.segmentation.max_train_images=10000", "evaluator.segmentation.max_eval_images=2000",
+              "evaluator.attention_jaccard.max_images=2000")
+
+
+def dense_rows(out: str) -> list[Row]:
+    """Linear segmentation and attention Jaccard on the Fashion-MNIST foreground set: the random-init
+    encoder, then each pretrained encoder that has [CLS] attention (rows `dense_<source>`)."""
+    return [Row("dense_random", "random init", ("checkpoint=random", *DENSE_EVAL), entry="evaluate"),
+            *(Row(f"dense_{src}", src, (f"checkpoint={out}/{src}", *DENSE_EVAL), entry="evaluate", needs=(src,))
+              for src in DENSE_SOURCES)]
 
 
 def machine() -> dict[str, str]:
@@ -88,10 +103,11 @@ def machine() -> dict[str, str]:
 
 def command(row: Row, run_dir: Path, quick: bool) -> list[str]:
     """The exact command line of a row (printed in the table without the run-directory override)."""
-    if quick:  # the pipeline end to end in about a minute a row: 5 steps, kNN only, no baseline
+    dense = row.name.startswith("dense_")
+    if quick and not dense:  # the pipeline end to end in about a minute a row: 5 steps, kNN only, no baseline
         args = [*row.args, "evaluator=[knn]", *(["trainer.max_steps=5", "eval.baseline=false"] if row.entry == "pretrain" else [])]
     else:
-        args = [*row.args, EVALUATORS]
+        args = [*row.args] if dense else [*row.args, EVALUATORS]
     args.append("trainer.progress=false")
     return [sys.executable, "-m", f"vfm.{row.entry}", *args, f"hydra.run.dir={run_dir}"]
 
@@ -140,6 +156,8 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
+        if rec["name"].startswith("dense_"):
+            continue
         m = rec.get("metrics") or {}
         if not rec.get("finished"):
             lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} |" + " |" * 9)
@@ -152,6 +170,23 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
             f"| {_cell(m, 'baseline/knn/top1')} / {_cell(m, 'baseline/linear/top1')} "
             f"| {_cell(m, 'retrieval/map')} | {_cell(m, 'fewshot/5shot_top1')} | {_cell(m, 'zero_shot/top1')} |"
         )
+    return "\n".join(lines) + "\n" + dense_table(labels, records)
+
+
+def dense_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str:
+    """Segmentation mIoU and attention Jaccard per encoder (Fashion-MNIST foreground set)."""
+    lines = ["", "Dense evaluation on the Fashion-MNIST foreground set (11 classes: background + 10 garments; "
+             "first 10k train / 2k val / 2k test images): linear segmentation mIoU (lr chosen on val) and DINO's "
+             "attention Jaccard (60% of the [CLS] attention mass vs the foreground).", "",
+             "| encoder | mIoU test (val) | pixel acc. | Jaccard, best head | Jaccard, mean over heads |", "|---|---|---|---|---|"]
+    for rec in (r for r in records if r["name"].startswith("dense_")):
+        m = rec.get("metrics") or {}
+        if not rec.get("finished"):
+            lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} | | | |")
+            continue
+        lines.append(f"| {labels[rec['name']]} | {_cell(m, 'segmentation/miou')} ({_cell(m, 'segmentation/val_miou')}) "
+                     f"| {_cell(m, 'segmentation/pixel_acc')} | {_cell(m, 'attention_jaccard/best_head')} "
+                     f"| {_cell(m, 'attention_jaccard/mean_head')} |")
     return "\n".join(lines) + "\n"
 
 
