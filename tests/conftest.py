@@ -55,7 +55,7 @@ def tiny_method_overrides(method: str, artifacts: dict[str, Path]) -> list[str]:
         # 4 px patches: a 7x7 grid for the blocks (the official min_keep 10 exceeds a target block there)
         "ijepa": ["backbone.patch_size=4", "method.predictor_dim=32", "method.predictor_depth=1",
                   "method.masking.min_keep=3", "method.masking.target_scale=[0.1,0.15]"],
-        "distill": [f"method.teacher={artifacts['dino_teacher']}", "method.augment.local_crop_size=14",
+        "distill": [f"method.teacher={artifacts.get('dino_teacher')}", "method.augment.local_crop_size=14",
                     "method.augment.n_local=2"],
         "clip": ["method.embed_dim=32", "method.text_tower.width=32", "method.text_tower.layers=1",
                  "method.text_tower.heads=2", "method.text_tower.context_length=32"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import inspect
 import struct
 from pathlib import Path
@@ -293,22 +294,26 @@ def test_synthetic_is_learnable() -> None:
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_dataset_config_matches_builder(path: Path) -> None:
-    import vfm.data.image_text as IT
 
     cfg = OmegaConf.load(path)
+    if "defaults" in cfg:  # a dataset built on another one (fashion_mnist_segmentation on fashion_mnist)
+        bases = [OmegaConf.load(CONF_DIR / f"{d}.yaml") for d in cfg.defaults if d != "_self_"]
+        cfg = OmegaConf.merge(*bases, {k: v for k, v in cfg.items() if k != "defaults"})
     module, _, name = cfg["_target_"].rpartition(".")
-    assert module in ("vfm.data.datasets", "vfm.data.image_text")
+    assert module in ("vfm.data.datasets", "vfm.data.image_text", "vfm.data.datasets.segmentation")
     if name == "benchmark":  # the in-memory benchmarks share one builder, chosen by variant
         assert cfg["variant"] == path.stem
     elif name == "captioned":  # a benchmark with captions: <variant>_captions
         assert f"{cfg['variant']}_captions" == path.stem
+    elif name == "benchmark_foreground":  # a benchmark with foreground masks: <variant>_segmentation
+        assert f"{cfg['variant']}_segmentation" == path.stem
     else:
         assert name == path.stem
-    builder = getattr(D if module == "vfm.data.datasets" else IT, name)
+    builder = getattr(importlib.import_module(module), name)
     params = inspect.signature(builder).parameters
     if name == "synthetic_captions":  # forwards the rest to `synthetic`
         params = {**params, **inspect.signature(D.synthetic).parameters}
-    if name == "captioned":  # forwards the rest to `benchmark`
+    if name in ("captioned", "benchmark_foreground"):  # forwards the rest to `benchmark`
         params = {**params, **inspect.signature(D.benchmark).parameters}
     params = {k: p for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
     keys = set(cfg.keys()) - {"_target_"}
