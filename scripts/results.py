@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="outputs/results-quick" if quick else "outputs/results")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--no-docs", action="store_true", help="write only under --out, not docs/ and README.md")
+    ap.add_argument("--report", action="store_true", help="run nothing: write the table from the finished rows")
     args = ap.parse_args(argv)
     out = Path(args.out)
     all_rows = rows(str(out))
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"--rows: unknown row(s) {sorted(unknown)}; choose from {[r.name for r in all_rows]}", file=sys.stderr)
         return 2
-    chosen = [r for r in all_rows if not args.rows or r.name in args.rows.split(",")]
+    chosen = [] if args.report else [r for r in all_rows if not args.rows or r.name in args.rows.split(",")]
     done: dict[str, bool] = {}
     for r in all_rows:  # rows not chosen still count as done when they finished before
         path = out / r.name / "row.json"
