@@ -96,9 +96,13 @@ def machine() -> dict[str, str]:
         amx = " amx_bf16" in info or " amx_tile" in info
     except (OSError, AttributeError):
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = _commit()
     return {"cpu": cpu, "amx": "yes" if amx else "no", "cores": str(os.cpu_count()), "torch": torch.__version__,
             "commit": commit or "unknown", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
 def command(row: Row, run_dir: Path, quick: bool) -> list[str]:
@@ -128,7 +132,7 @@ def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool]) -> dict[str
     with open(run_dir / "stdout.txt", "a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     record: dict[str, Any] = {"name": row.name, "seconds": round(time.time() - t0, 1), "returncode": rc,
-                              "command": " ".join([row.entry, *row.args])}
+                              "command": " ".join([row.entry, *row.args]), "commit": _commit()}
     try:
         record["metrics"] = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         record["finished"] = rc == 0
@@ -170,6 +174,10 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
             f"| {_cell(m, 'baseline/knn/top1')} / {_cell(m, 'baseline/linear/top1')} "
             f"| {_cell(m, 'retrieval/map')} | {_cell(m, 'fewshot/5shot_top1')} | {_cell(m, 'zero_shot/top1')} |"
         )
+    older = [f"{labels[r['name']]} at {r['commit']}" for r in records
+             if r.get("finished") and r.get("commit") and r["commit"] != info["commit"]]
+    if older:
+        lines += ["", f"Rows measured at an earlier commit (same CPU model; re-run a row with `--rows`): {', '.join(older)}."]
     return "\n".join(lines) + "\n" + dense_table(labels, records)
 
 
