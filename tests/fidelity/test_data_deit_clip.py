@@ -106,6 +106,76 @@ def test_training_loader_reads_whole_images(tmp_path):
     assert next(iter(loader))["crops"][0].shape == (4, 3, 24, 24)
 
 
+# ------------------------------------------------------------------ image-text data: crops from the whole image too
+def _image_text_splits(tmp_path, kind: str, whole_images: bool, n: int = 4):
+    """``n`` pairs of one 160 x 120 striped image (4:3, so RandomResizedCrop(scale=(0.9, 1)) boxes
+    can move sideways) as an image-text CSV or a webdataset shard, ``img_size`` 120."""
+    import io
+    import tarfile
+
+    from vfm.data.image_text import image_text_csv, webdataset
+
+    png = io.BytesIO()
+    _striped(160, 120).save(png, format="PNG")
+    if kind == "csv":
+        (tmp_path / "wide.png").write_bytes(png.getvalue())
+        (tmp_path / "pairs.csv").write_text("filepath,title\n" + "wide.png,a striped image\n" * n)
+        return image_text_csv(str(tmp_path / "pairs.csv"), img_size=120, whole_images=whole_images)
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tf:
+        for i in range(n):
+            for name, data in ((f"s{i}.png", png.getvalue()), (f"s{i}.txt", b"a striped image")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return webdataset(str(tmp_path / "shard-000000.tar"), img_size=120, whole_images=whole_images)
+
+
+@pytest.mark.parametrize("kind", ["csv", "shards"])
+def test_image_text_training_view_is_the_whole_image(tmp_path, kind):
+    train = _image_text_splits(tmp_path, kind, whole_images=True).train
+    square = train[0][0]
+    assert square.shape == (3, 120, 120)  # the evaluation view: centre square, columns 20..139 (no red, no blue)
+    assert not (square[0] == 255).any() and not (square[2] == 255).any()
+    whole = train.for_training()[0][0]
+    assert whole.shape == (3, 120, 160)  # aspect kept: both striped edges are there
+    assert (whole[:, :, 0] == torch.tensor([255, 0, 0])[:, None]).all()
+    assert (whole[:, :, -1] == torch.tensor([0, 0, 255])[:, None]).all()
+    assert train.for_training()[0][1] == "a striped image"
+    # dataset.whole_images=false: training reads the centre square, as before
+    (tmp_path / "old").mkdir()
+    old = _image_text_splits(tmp_path / "old", kind, whole_images=False).train
+    assert torch.equal(old.for_training()[0][0], square)
+
+
+@pytest.mark.parametrize("kind", ["csv", "shards"])
+def test_clip_crops_of_image_text_data_reach_the_image_edges(tmp_path, kind):
+    # open_clip: RandomResizedCrop(224, scale=(0.9, 1.0), bicubic) of the decoded file, through
+    # the training loader and the image-text collate as CLIP trains
+    from vfm.data.collate import ImageTextCollate
+
+    def edges(whole_images: bool) -> tuple[int, int, int]:
+        root = tmp_path / str(whole_images)
+        root.mkdir()
+        train = _image_text_splits(root, kind, whole_images).train
+        collate = ImageTextCollate(_aug(32, global_scale=(0.9, 1.0)), lambda c: torch.zeros(len(c), 1))
+        loader, sampler = build_train_loader(train, batch_size=4, collate_fn=collate, seed=0)
+        left = right = red_anywhere = 0
+        for epoch in range(10):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                x = batch["crops"][0]  # [4, 3, 32, 32] in [0, 1] (mean 0, std 1)
+                red, blue = (x[:, 0] > 0.99) & (x[:, 2] < 0.01), (x[:, 2] > 0.99) & (x[:, 0] < 0.01)
+                left += int(red[:, :, 0].all(dim=1).sum())  # the crop's first column is the image's red edge
+                right += int(blue[:, :, -1].all(dim=1).sum())
+                red_anywhere += int(red.any(dim=(1, 2)).sum())
+        return left, right, red_anywhere
+
+    left, right, _ = edges(True)
+    assert left > 0 and right > 0
+    # from the centre 120 x 120 square (columns 20..139) no crop sees either striped edge
+    assert edges(False) == (0, 0, 0)
+
+
 # ------------------------------------------------------------------ bicubic
 def test_crops_are_bicubic_by_default():
     assert MultiCropAugmentation(global_crop_size=8, local_crop_size=4, mean=[0.5], std=[0.5]).interpolation == "bicubic"
@@ -288,6 +358,9 @@ def test_clip_paper_config():
                        "~recipe"])
     for key, value in CLIP.items():
         assert _select(cfg, key) == pytest.approx(value), key
+    assert cfg.dataset.whole_images is True  # RandomResizedCrop of the decoded file (transform.py image_transform)
+    shards = compose_cfg(["method=clip", "backbone=vit_base_clip", "dataset=webdataset", "dataset.urls=/x", "~recipe"])
+    assert shards.dataset.whole_images is True
 
 
 def test_clip_weight_decay_groups_follow_open_clip():

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vfm.data.collate import Collate
-from vfm.data.datasets import ImageFileDataset, TensorImageDataset
+from vfm.data.datasets import LazyImageDataset, TensorImageDataset
 from vfm.data.sampler import SeededBatchSampler, SeededDataset
 
 __all__ = ["build_eval_loader", "build_train_loader"]
@@ -53,13 +53,13 @@ def build_train_loader(
     global batch, :mod:`vfm.data.sampler`); None takes the collate's own ``repeats`` (1 unless the
     method asks for it, e.g. DeiT's 3).
 
-    Image files are read whole for training (:meth:`ImageFileDataset.for_training`): random
-    resized crops are drawn from the entire image, as torchvision's ``RandomResizedCrop`` does
-    on the decoded file, not from its centre square.
+    Image files (folders, image–text CSVs and shards) are read whole for training
+    (:meth:`LazyImageDataset.for_training`): random resized crops are drawn from the entire image,
+    as torchvision's ``RandomResizedCrop`` does on the decoded file, not from its centre square.
     """
     if repeats is None:
         repeats = collate_fn.repeats if isinstance(collate_fn, Collate) else 1
-    if isinstance(dataset, ImageFileDataset):
+    if isinstance(dataset, LazyImageDataset):
         dataset = dataset.for_training()
     if prefetch_factor < 1:
         raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")

@@ -44,7 +44,14 @@ from vfm.data.datasets.core import (
     split_indices,
     split_train_val,
 )
-from vfm.data.datasets.folders import IMG_EXTENSIONS, ImageFileDataset, imagefolder, load_image, unlabeled_folder
+from vfm.data.datasets.folders import (
+    IMG_EXTENSIONS,
+    ImageFileDataset,
+    LazyImageDataset,
+    imagefolder,
+    load_image,
+    unlabeled_folder,
+)
 from vfm.data.datasets.idx import read_idx
 from vfm.data.datasets.synthetic import synthetic
 
@@ -62,6 +69,7 @@ __all__ = [
     "DatasetNotFoundError",
     "ImageDecodeError",
     "ImageFileDataset",
+    "LazyImageDataset",
     "TensorImageDataset",
     "benchmark",
     "check_bad_files",

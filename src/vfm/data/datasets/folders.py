@@ -24,7 +24,15 @@ from vfm.data.datasets.core import (
     split_indices,
 )
 
-__all__ = ["IMG_EXTENSIONS", "MAX_ASPECT", "ImageFileDataset", "imagefolder", "load_image", "unlabeled_folder"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "MAX_ASPECT",
+    "ImageFileDataset",
+    "LazyImageDataset",
+    "imagefolder",
+    "load_image",
+    "unlabeled_folder",
+]
 
 IMG_EXTENSIONS: tuple[str, ...] = (
     ".jpg",
@@ -95,17 +103,57 @@ def load_image(
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-class ImageFileDataset(BadFileDataset):
+class LazyImageDataset(BadFileDataset):
+    """Image files decoded when read (:func:`load_image`), in two views.
+
+    The evaluation view: shorter side resized to ``resize`` (bicubic, PIL's antialiased
+    resampling), then the centre ``crop x crop``. With ``whole_for_training``,
+    :meth:`for_training` (what the training loader reads) returns the training view: whole images
+    of their own size (``crop=None``, see :func:`load_image`), so the random resized crops cover
+    all of each image, edges included, as torchvision's ``RandomResizedCrop`` does on the decoded
+    file in the official recipes.
+
+    Subclasses list their files, implement ``__len__`` and ``_load(i)`` and decode with
+    :meth:`_decode`; ``bad_files`` ("skip" or "fail") is what an undecodable file does
+    (:mod:`vfm.data.datasets.bad_files`).
+    """
+
+    def __init__(
+        self, *, resize: int, crop: int | None, in_chans: int, bad_files: str = "skip", whole_for_training: bool = False
+    ) -> None:
+        who = type(self).__name__
+        if in_chans not in (1, 3):
+            raise ValueError(f"{who}: in_chans must be 1 or 3, got {in_chans}")
+        if crop is not None and not 0 < crop <= resize:
+            raise ValueError(f"{who}: need 0 < crop <= resize, got crop={crop}, resize={resize}")
+        super().__init__(bad_files)
+        self.resize = resize
+        self.crop = crop
+        self.in_chans = in_chans
+        self.whole_for_training = whole_for_training
+
+    def for_training(self) -> LazyImageDataset:
+        """The view training reads: whole images when ``whole_for_training`` (a shallow copy with
+        ``crop=None``), else this data set."""
+        if not self.whole_for_training or self.crop is None:
+            return self
+        view = copy.copy(self)
+        view.crop = None
+        return view
+
+    def _decode(self, file: str | os.PathLike | BinaryIO, name: str | None = None) -> Tensor:
+        """One image in this data set's view: ``[in_chans, crop, crop]``, or whole when ``crop`` is None."""
+        return load_image(file, resize=self.resize, crop=self.crop, in_chans=self.in_chans, name=name)
+
+
+class ImageFileDataset(LazyImageDataset):
     """Lazily decoded image files, each returned as ``(uint8 [C, crop, crop], label)``.
 
     Decoding follows the usual ImageNet evaluation recipe: the shorter side is resized to
-    ``resize`` (bicubic, PIL's antialiased resampling), then the centre ``crop x crop`` is taken
-    ("resize 256, centre-crop 224" with ``crop == img_size``; the ``train`` split of the folder
-    datasets keeps ``crop == resize == load_size`` for the evaluators' features).
-
-    ``whole_for_training``: :meth:`for_training` (what the training loader reads) returns this
-    data set with ``crop=None``: whole images of their own size (see :func:`load_image`), so the
-    random resized crops cover all of each image, edges included, as in the official recipes.
+    ``resize``, then the centre ``crop x crop`` is taken ("resize 256, centre-crop 224" with
+    ``crop == img_size``; the ``train`` split of the folder datasets keeps ``crop == resize ==
+    load_size`` for the evaluators' features). ``whole_for_training``: training reads whole
+    images (:class:`LazyImageDataset`).
 
     ``bad_files`` ("skip" or "fail") is what an undecodable file does
     (:mod:`vfm.data.datasets.bad_files`: a skipped item is replaced by the next one, with that
@@ -124,33 +172,17 @@ class ImageFileDataset(BadFileDataset):
         bad_files: str = "skip",
         whole_for_training: bool = False,
     ) -> None:
-        if in_chans not in (1, 3):
-            raise ValueError(f"ImageFileDataset: in_chans must be 1 or 3, got {in_chans}")
-        if crop is not None and not 0 < crop <= resize:
-            raise ValueError(f"ImageFileDataset: need 0 < crop <= resize, got crop={crop}, resize={resize}")
-        super().__init__(bad_files)
+        super().__init__(resize=resize, crop=crop, in_chans=in_chans, bad_files=bad_files,
+                         whole_for_training=whole_for_training)
         self.samples = list(samples)
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
-        self.resize = resize
-        self.crop = crop
-        self.in_chans = in_chans
-        self.whole_for_training = whole_for_training
-
-    def for_training(self) -> ImageFileDataset:
-        """The view training reads: whole images when ``whole_for_training`` (a shallow copy with
-        ``crop=None``), else this data set."""
-        if not self.whole_for_training or self.crop is None:
-            return self
-        view = copy.copy(self)
-        view.crop = None
-        return view
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def _load(self, i: int) -> tuple[Tensor, int]:
         path, label = self.samples[i]
-        return load_image(path, resize=self.resize, crop=self.crop, in_chans=self.in_chans), label
+        return self._decode(path), label
 
     def __repr__(self) -> str:
         return (

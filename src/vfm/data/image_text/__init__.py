@@ -1,10 +1,12 @@
 """Image–text datasets: captioned images for contrastive (CLIP-style) pretraining.
 
 Every dataset here yields ``(image, caption, label)``: ``image`` a ``uint8`` tensor ``[C, H, W]``,
-``caption`` a ``str`` and ``label`` an ``int`` (``-1`` when unknown). Images are decoded exactly as
-:class:`vfm.data.datasets.ImageFileDataset` decodes them (:func:`vfm.data.datasets.load_image`:
-PIL, converted to ``in_chans``, shorter side resized to ``img_size``, centre crop), so batches
-stack and the batched augmentation of :mod:`vfm.data.transforms` applies unchanged.
+``caption`` a ``str`` and ``label`` an ``int`` (``-1`` when unknown). The file-based ones are
+:class:`vfm.data.datasets.LazyImageDataset` s, decoded exactly as the image folders
+(:func:`vfm.data.datasets.load_image`: PIL, converted to ``in_chans``, shorter side resized to
+``img_size``, centre crop), and, like them, read whole for training (``dataset.whole_images``:
+the random resized crops come from all of each image, as open_clip's ``RandomResizedCrop`` on the
+decoded file); the batched augmentation of :mod:`vfm.data.transforms` applies unchanged.
 
 * :class:`ImageTextCSV` (:mod:`~vfm.data.image_text.csv`) reads a CSV/TSV of image paths and
   captions (open_clip's format).

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from vfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, BadFileDataset, DataSplits, load_image, norm_stats
+from vfm.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DataSplits, LazyImageDataset, norm_stats
 from vfm.data.image_text.checks import check_bad_count, check_common, yields_captions
 
 __all__ = ["ImageTextCSV", "image_text_csv"]
 
 
-class ImageTextCSV(BadFileDataset):
+class ImageTextCSV(LazyImageDataset):
     """Image paths and captions from a CSV/TSV file (open_clip's ``--train-data`` CSV format).
 
     open_clip's ``--csv-img-key filepath --csv-caption-key title --csv-separator "\\t"`` map to
@@ -23,8 +23,12 @@ class ImageTextCSV(BadFileDataset):
     comma otherwise. Relative image paths are relative to the CSV file's folder. Rows whose image
     file does not exist or whose caption is empty are skipped (counted and logged); more than
     ``max_bad_fraction`` of such rows raises. Items are ``(uint8 [in_chans, img_size, img_size],
-    caption (stripped), -1)``. An image that fails to decode when read is handled by ``bad_files``
-    (:mod:`vfm.data.datasets.bad_files`: "skip" replaces it by the next item and counts it).
+    caption (stripped), -1)``: shorter side resized to ``img_size``, centre crop. With
+    ``whole_for_training`` the training loader reads whole images instead (shorter side at most
+    ``img_size``, :meth:`~vfm.data.datasets.LazyImageDataset.for_training`), so the crops come from
+    all of each image as open_clip's ``RandomResizedCrop`` does. An image that fails to decode
+    when read is handled by ``bad_files`` (:mod:`vfm.data.datasets.bad_files`: "skip" replaces it
+    by the next item and counts it).
     """
 
     def __init__(
@@ -38,9 +42,11 @@ class ImageTextCSV(BadFileDataset):
         in_chans: int = 3,
         max_bad_fraction: float = 0.1,
         bad_files: str = "skip",
+        whole_for_training: bool = False,
     ) -> None:
-        super().__init__(bad_files)
         check_common(img_size, in_chans, max_bad_fraction, "ImageTextCSV")
+        super().__init__(resize=img_size, crop=img_size, in_chans=in_chans, bad_files=bad_files,
+                         whole_for_training=whole_for_training)
         self.path = Path(path)
         self.source = str(self.path)
         if not self.path.is_file():
@@ -99,11 +105,11 @@ class ImageTextCSV(BadFileDataset):
         return len(self.files)
 
     def _load(self, i: int) -> tuple[Tensor, str, int]:
-        image = load_image(self.files[i], resize=self.img_size, crop=self.img_size, in_chans=self.in_chans)
-        return image, self.captions[i], -1
+        return self._decode(self.files[i]), self.captions[i], -1
 
     def __repr__(self) -> str:
-        return f"ImageTextCSV({self.path}, n={len(self)}, img_size={self.img_size}, in_chans={self.in_chans})"
+        return (f"ImageTextCSV({self.path}, n={len(self)}, img_size={self.img_size}, in_chans={self.in_chans}, "
+                f"whole_for_training={self.whole_for_training})")
 
 
 @yields_captions
@@ -121,11 +127,14 @@ def image_text_csv(
     max_bad_fraction: float = 0.1,
     num_classes: int = 0,
     bad_files: str = "skip",
+    whole_images: bool = True,
 ) -> DataSplits:
     """Image–text pairs from CSV/TSV files (:class:`ImageTextCSV`; open_clip's format).
 
     ``train`` reads ``train_csv``; ``val`` reads ``val_csv`` (held-out pairs, same columns) when
-    given, else None; ``test`` is None. A plain CSV has no class labels (every label is -1), so
+    given, else None; ``test`` is None. Both are ``img_size`` squares (shorter side resized, centre
+    crop: open_clip's evaluation view); training crops from the whole images of ``train_csv``
+    (``whole_images``), or with ``whole_images=False`` from that centre square. A plain CSV has no class labels (every label is -1), so
     ``num_classes`` must be 0 and the kNN / linear-probe evaluators cannot run on it: pass
     ``evaluator=[]`` and evaluate the checkpoint on a labelled dataset afterwards (``evaluate
     dataset=...``).
@@ -137,7 +146,7 @@ def image_text_csv(
         )
     kw = dict(img_key=img_key, caption_key=caption_key, sep=sep, img_size=img_size, in_chans=in_chans,
               max_bad_fraction=max_bad_fraction, bad_files=bad_files)
-    train = ImageTextCSV(train_csv, **kw)  # type: ignore[arg-type]
+    train = ImageTextCSV(train_csv, **kw, whole_for_training=whole_images)  # type: ignore[arg-type]
     val = ImageTextCSV(val_csv, **kw) if val_csv else None  # type: ignore[arg-type]
     return DataSplits(train=train, val=val, test=None, img_size=img_size, in_chans=in_chans, mean=mean_t,
                       std=std_t, num_classes=0, class_names=[])

@@ -42,10 +42,9 @@ from vfm.data.datasets import (
     DECODE_ERRORS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    BadFileDataset,
     DataSplits,
     ImageDecodeError,
-    load_image,
+    LazyImageDataset,
     norm_stats,
 )
 from vfm.data.image_text.checks import N_EXAMPLES, check_bad_count, check_common, log, yields_captions
@@ -204,7 +203,7 @@ def _shard_index(shard: str) -> dict[str, Any]:
     return index
 
 
-class WebDatasetShards(BadFileDataset):
+class WebDatasetShards(LazyImageDataset):
     """webdataset ``.tar`` shards read map-style: an index of member offsets, then one seek per read.
 
     A sample is the group of members sharing a key (the name up to the first dot after the last
@@ -214,6 +213,9 @@ class WebDatasetShards(BadFileDataset):
     without an image or caption, or with an empty caption, are skipped and counted at index time;
     a shard where more than ``max_bad_fraction`` of the samples are bad raises. A sample whose image
     fails to decode when read is handled by ``bad_files`` (:mod:`vfm.data.datasets.bad_files`).
+    Images are ``img_size`` squares (shorter side resized, centre crop); with ``whole_for_training``
+    the training loader reads them whole (shorter side at most ``img_size``,
+    :meth:`~vfm.data.datasets.LazyImageDataset.for_training`).
 
     File handles are opened lazily and per process (a forked DataLoader worker must not share the
     parent's file offset), at most ``max_open_files`` at a time. The index lives in numpy arrays
@@ -229,9 +231,11 @@ class WebDatasetShards(BadFileDataset):
         max_bad_fraction: float = 0.1,
         max_open_files: int = 32,
         bad_files: str = "skip",
+        whole_for_training: bool = False,
     ) -> None:
-        super().__init__(bad_files)
         check_common(img_size, in_chans, max_bad_fraction, "WebDatasetShards")
+        super().__init__(resize=img_size, crop=img_size, in_chans=in_chans, bad_files=bad_files,
+                         whole_for_training=whole_for_training)
         self.shards = expand_urls(urls)
         self.source = self.shards[0] if len(self.shards) == 1 else f"{self.shards[0]} (+{len(self.shards) - 1} shards)"
         self.img_size, self.in_chans, self.max_open_files = img_size, in_chans, max(1, max_open_files)
@@ -299,7 +303,7 @@ class WebDatasetShards(BadFileDataset):
         except DECODE_ERRORS as e:  # a shard truncated or rewritten since it was indexed
             raise ImageDecodeError(f"cannot read sample {name}: {type(e).__name__}: {e}") from e
         # PIL reads file objects as well as paths, so the shared decoder applies to member bytes.
-        image = load_image(io.BytesIO(data), resize=self.img_size, crop=self.img_size, in_chans=self.in_chans, name=name)
+        image = self._decode(io.BytesIO(data), name=name)
         return image, caption, int(self.labels[i])
 
     def close(self) -> None:
@@ -321,7 +325,8 @@ class WebDatasetShards(BadFileDataset):
         return state
 
     def __repr__(self) -> str:
-        return f"WebDatasetShards({len(self.shards)} shards, n={len(self)}, img_size={self.img_size}, in_chans={self.in_chans})"
+        return (f"WebDatasetShards({len(self.shards)} shards, n={len(self)}, img_size={self.img_size}, "
+                f"in_chans={self.in_chans}, whole_for_training={self.whole_for_training})")
 
 
 
@@ -336,9 +341,13 @@ def webdataset(
     max_bad_fraction: float = 0.1,
     num_classes: int = 0,
     bad_files: str = "skip",
+    whole_images: bool = True,
 ) -> DataSplits:
     """Image–text pairs from webdataset ``.tar`` shards (:class:`WebDatasetShards`), e.g.
     ``urls=/data/cc3m/shard-{000000..000331}.tar``.
+
+    Training crops from whole images (``whole_images``, as open_clip's ``RandomResizedCrop`` on the
+    decoded file), or with ``whole_images=False`` from the centre ``img_size`` square.
 
     ``val``/``test`` are None, so the kNN / linear-probe evaluators need ``evaluator=[]`` (evaluate
     on a labelled dataset afterwards). ``num_classes`` > 0 declares that the shards' ``.cls`` labels
@@ -348,7 +357,7 @@ def webdataset(
     if num_classes < 0:
         raise ValueError(f"dataset.num_classes must be >= 0, got {num_classes}")
     train = WebDatasetShards(urls, img_size=img_size, in_chans=in_chans, max_bad_fraction=max_bad_fraction,
-                             bad_files=bad_files)
+                             bad_files=bad_files, whole_for_training=whole_images)
     if num_classes and len(train.labels) and int(train.labels.max()) >= num_classes:
         raise ValueError(
             f"dataset.num_classes={num_classes} but the shards have .cls label {int(train.labels.max())}; "
