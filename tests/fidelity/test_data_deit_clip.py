@@ -307,6 +307,7 @@ DEIT = {  # facebookresearch/deit main.py defaults (DeiT-S/B, 300 epochs)
     "optim.weight_decay": 0.05,  # --weight-decay
     "optim.weight_decay_end": 0.05,
     "optim.warmup_epochs": 5,  # --warmup-epochs
+    "optim.warmup_lr": 1e-6,  # --warmup-lr (timm CosineLRScheduler warmup_lr_init)
     "optim.min_lr": 1e-5,  # --min-lr
     "optim.betas": [0.9, 0.999],  # --opt-betas None: AdamW's default
     "optim.eps": 1e-8,  # --opt-eps
@@ -329,6 +330,23 @@ def test_deit_paper_config():
     assert cfg.method.randaugment.startswith("rand-m9-mstd0.5-inc1")  # --aa
     assert cfg.optim.blr * 512 / cfg.optim.lr_reference_batch == pytest.approx(5e-4)  # lr 5e-4 x batch / 512
     assert cfg.dataset.whole_images is True  # RandomResizedCrop of the decoded file
+
+
+def test_deit_lr_warms_up_from_1e_6_to_the_peak_then_decays_to_1e_5():
+    # deit main.py: timm CosineLRScheduler(warmup_lr_init=--warmup-lr 1e-6, warmup_t=5, lr_min=--min-lr 1e-5),
+    # peak 5e-4 x 1024 / 512 = 1e-3; its warmup line is 1e-6 + t (peak - 1e-6) / 5 (per epoch; ours per step)
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["method=supervised", "backbone=vit_base", "dataset=imagefolder", "dataset.root=/x", "~recipe"])
+    steps_per_epoch, epochs = 1251, 300  # ImageNet-1k (1,281,167 images) at batch 1024
+    lr = instantiate(cfg.optim).lr_schedule(1024).build(steps_per_epoch, epochs)
+    warm = 5 * steps_per_epoch
+    assert lr[0].item() == pytest.approx(1e-6, rel=1e-12)  # not 0
+    assert lr[warm - 1].item() == pytest.approx(1e-3, rel=1e-12)  # the end of warmup: the peak
+    ramp = 1e-6 + torch.arange(warm, dtype=torch.float64) * (1e-3 - 1e-6) / (warm - 1)
+    assert torch.allclose(lr[:warm], ramp, rtol=1e-12, atol=0)
+    assert lr[warm:].max().item() <= 1e-3 and lr[-1].item() == pytest.approx(1e-5, rel=1e-4)
+    assert (lr[warm:] >= 1e-5).all()
 
 
 CLIP = {  # mlfoundations/open_clip: params.py defaults, get_default_params for ViTs, ViT-B-16.json
