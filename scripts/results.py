@@ -128,11 +128,11 @@ def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool]) -> dict[str
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(row, run_dir, quick)
     print(f"[results] {row.name}: {' '.join(cmd[2:])}", flush=True)
-    t0 = time.time()
+    t0, commit = time.time(), _commit()  # the code the row runs, whatever lands while it runs
     with open(run_dir / "stdout.txt", "a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     record: dict[str, Any] = {"name": row.name, "seconds": round(time.time() - t0, 1), "returncode": rc,
-                              "command": " ".join([row.entry, *row.args]), "commit": _commit()}
+                              "command": " ".join([row.entry, *row.args]), "commit": commit}
     try:
         record["metrics"] = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         record["finished"] = rc == 0
