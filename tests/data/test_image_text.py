@@ -309,6 +309,7 @@ def test_captioned_dataset_deterministic_captions() -> None:
     assert all(c == CAPTION_TEMPLATES[ds.template_index(i)].format(names[lab]) for i, (_, c, lab) in enumerate(items))
     assert all(names[lab] in c for _, c, lab in items)
     assert len({ds.template_index(i) for i in range(len(ds))}) >= 5  # the templates are actually mixed
+    assert ds.captions == [c for _, c, _ in items]  # the same captions without reading an image
     other = CaptionedDataset(labelled(), names, seed=6)
     assert [other[i][1] for i in range(len(ds))] != [c for _, c, _ in items]
     with pytest.raises(ValueError, match="exactly one"):
@@ -325,6 +326,7 @@ def test_captioned_dataset_keep_classes() -> None:
         j = int(ds.indices[i])
         assert label in (1, 3) and torch.equal(image, base[j][0]) and caption == full[j][1]
     assert torch.equal(ds.images, base.images[ds.indices]) and ds.images.shape[0] == len(ds.labels)
+    assert ds.captions == [ds[i][1] for i in range(len(ds))]
     with pytest.raises(ValueError, match=r"keep_classes must be in \[0, 4\)"):
         CaptionedDataset(base, ["a", "b", "c", "d"], keep_classes=[4])
 
@@ -348,6 +350,10 @@ def test_captioned_builder_holds_out_classes(tmp_path: Path) -> None:
     captions = [splits.train[i][1] for i in range(len(splits.train))]
     assert all("bag" not in c and "ankle boot" not in c for c in captions)
     assert set(splits.test.labels.tolist()) == set(range(10))
+    # every test image has a caption (held-out classes included) by the training rule, for retrieval
+    rule = CaptionedDataset(splits.test, FASHION_MNIST_CLASS_NAMES_NATURAL, CAPTION_TEMPLATES, seed=0)
+    assert splits.test_captions == [rule[i][1] for i in range(len(splits.test))] and len(splits.test_captions) == 20
+    assert all(FASHION_MNIST_CLASS_NAMES_NATURAL[int(y)] in c for c, y in zip(splits.test_captions, splits.test.labels))
     with pytest.raises(ValueError, match="held_out_classes"):
         captioned(root=str(tmp_path), held_out_classes=[10], system_dirs=[])
 

@@ -34,7 +34,9 @@ class DataSplits:
     ``train`` is what pretraining iterates over; ``val`` is for hyperparameter selection by the
     evaluators (carved from the official training set, disjoint from ``train``); ``test`` is the
     official test set, reported only. Each yields ``(uint8 [C,H,W], int)``, label ``-1`` when
-    unlabelled. ``mean``/``std`` always have ``in_chans`` entries.
+    unlabelled. ``mean``/``std`` always have ``in_chans`` entries. ``test_captions``, set by the
+    image–text builders whose test images have a caption, is each test item's caption in order
+    (what image–text retrieval pairs them with); None when the test split has none.
     """
 
     train: Dataset
@@ -46,6 +48,7 @@ class DataSplits:
     std: tuple[float, ...]
     num_classes: int
     class_names: list[str] = field(default_factory=list)
+    test_captions: list[str] | None = None
 
 
 class TensorImageDataset(Dataset):

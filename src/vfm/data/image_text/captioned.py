@@ -115,6 +115,13 @@ class CaptionedDataset(Dataset):
             self._images = base[self.indices]
         return self._images
 
+    @property
+    def captions(self) -> list[str]:
+        """Every kept sample's caption, in order (what ``__getitem__`` yields, without reading an image)."""
+        base = self.indices.tolist() if self.indices is not None else range(len(self))
+        return [self.templates[self.template_index(j)].format(self.class_names[int(y)])
+                for j, y in zip(base, self.labels.tolist(), strict=True)]
+
     def template_index(self, base_index: int) -> int:
         """Which template the wrapped dataset's item ``base_index`` uses (a pure function of seed and index)."""
         return _mix64(_mix64(self.seed & _MASK64) ^ (base_index & _MASK64)) % len(self.templates)
@@ -154,6 +161,8 @@ def captioned(
     readable names for prompts (:data:`vfm.data.prompts.FASHION_MNIST_CLASS_NAMES_NATURAL` for
     Fashion-MNIST, the benchmark's names otherwise). ``templates`` None means
     :data:`vfm.data.prompts.CAPTION_TEMPLATES`; the caption of a sample is fixed by ``seed``.
+    ``test_captions`` caption every test image by the same rule (its class name in a template
+    chosen by hashing ``seed`` and its index), for image–text retrieval.
     """
     splits = benchmark(variant=variant, seed=seed, **benchmark_kwargs)
     num_classes = splits.num_classes
@@ -164,18 +173,27 @@ def captioned(
         raise ValueError(f"dataset.held_out_classes={held} holds out every class; keep at least one for training")
     names = list(FASHION_MNIST_CLASS_NAMES_NATURAL) if variant == "fashion_mnist" else list(splits.class_names)
     keep = [c for c in range(num_classes) if c not in held] if held else None
-    train = CaptionedDataset(splits.train, names, CAPTION_TEMPLATES if templates is None else list(templates),
-                             seed=seed, keep_classes=keep)
-    return dataclasses.replace(splits, train=train, class_names=names)
+    templates = CAPTION_TEMPLATES if templates is None else list(templates)
+    train = CaptionedDataset(splits.train, names, templates, seed=seed, keep_classes=keep)
+    return dataclasses.replace(splits, train=train, class_names=names,
+                               test_captions=_test_captions(splits, names, templates, seed))
+
+
+def _test_captions(splits: DataSplits, names: Sequence[str], templates: Sequence[str], seed: int) -> list[str] | None:
+    """Each test image's caption by the training split's rule (all classes, held out or not)."""
+    return CaptionedDataset(splits.test, names, templates, seed=seed).captions if splits.test is not None else None
 
 
 @yields_captions
 def synthetic_captions(*, class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                        **synthetic_kwargs: Any) -> DataSplits:
-    """`vfm.data.datasets.synthetic` with template captions on its training split (tests, smoke runs)."""
+    """`vfm.data.datasets.synthetic` with template captions on its training split and
+    ``test_captions`` by the same rule (tests, smoke runs)."""
     splits = synthetic(**synthetic_kwargs)
     names = list(class_names) if class_names else [f"pattern {chr(ord('a') + i)}" for i in range(splits.num_classes)]
     if len(names) != splits.num_classes:
         raise ValueError(f"dataset.class_names has {len(names)} names for {splits.num_classes} classes")
-    train = CaptionedDataset(splits.train, names, CAPTION_TEMPLATES if templates is None else list(templates))
-    return dataclasses.replace(splits, train=train, class_names=names)
+    templates = CAPTION_TEMPLATES if templates is None else list(templates)
+    train = CaptionedDataset(splits.train, names, templates)
+    return dataclasses.replace(splits, train=train, class_names=names,
+                               test_captions=_test_captions(splits, names, templates, 0))
