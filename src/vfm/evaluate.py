@@ -25,7 +25,7 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vfm import distributed as vdist
@@ -36,6 +36,7 @@ from vfm.config import (
     CONF_DIR,
     ConfigError,
     applied_configs,
+    dataset_yields_captions,
     instantiate_checked,
     register_resolvers,
     validate_evaluate,
@@ -43,7 +44,7 @@ from vfm.config import (
 from vfm.engine.checkpoint import CheckpointError, load_checkpoint
 from vfm.engine.trainer import select_device
 from vfm.evaluators.finetune import FineTuneInterrupted
-from vfm.evaluators.protocols import ImageTextEvaluator
+from vfm.evaluators.protocols import ImageTextEvaluator, OptionalImageText
 from vfm.evaluators.suite import run_evaluators
 from vfm.io import atomic_write_json
 from vfm.methods.base import Method
@@ -81,13 +82,34 @@ def set_paper_protocol(cfg: DictConfig) -> None:
     checkpoints/last.pt); without one it stays null (the final [CLS])."""
     nodes = [node for node in (cfg.get("evaluator") or {}).values() if "paper" in node and node.paper is None]
     path = Path(str(cfg.checkpoint))
-    run_dir = path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    run_dir = _run_dir(path)
     if not nodes or not path.exists() or not (run_dir / "config.yaml").is_file():  # random, pixels, a lone file
         return
     paper = OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "method.eval_protocol", default=None)
     log.info("linear-probe protocol of %s: %s (method.eval_protocol in %s)", cfg.checkpoint, paper, run_dir / "config.yaml")
     for node in nodes:
         node.paper = paper
+
+
+def _run_dir(path: Path) -> Path:
+    """The run directory of a checkpoint: itself, above checkpoints/last.pt, or beside the file."""
+    return path if path.is_dir() else path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def is_image_text_run(checkpoint: str) -> bool:
+    """Whether `checkpoint` is a `pretrain` run directory or `.pt` checkpoint of a method with a
+    text tower (CLIP, SigLIP), as its run's config.yaml says (read without loading any weights).
+    Exported `.safetensors` hold the image encoder alone: False, as for `random` and `pixels`."""
+    path = Path(checkpoint)
+    last = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    config = _run_dir(path) / "config.yaml"
+    if last.suffix != ".pt" or not last.is_file() or not config.is_file():
+        return False
+    target = OmegaConf.select(OmegaConf.load(config), "method._target_", default=None)
+    if target is None:
+        return False
+    # a method has a text tower when it overrides Method.text_model (a property, None by default)
+    return getattr(get_object(str(target)), "text_model", None) is not Method.text_model
 
 
 def load_method(checkpoint: str) -> Method:
@@ -148,8 +170,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def load_models(cfg: DictConfig, evaluators: dict[str, Any], device: str) -> tuple[torch.nn.Module, str, torch.nn.Module | None]:
     """(encoder, feature-cache key, text model): the whole pretraining method when an image-text
-    evaluator needs its text tower (zero-shot), else the encoder alone."""
-    if not any(isinstance(ev, ImageTextEvaluator) for ev in evaluators.values()):
+    evaluator needs its text tower (zero-shot) or one can use it (retrieval's image<->text recall:
+    an image-text run evaluated on a captioned dataset), else the encoder alone."""
+    needs_text = any(isinstance(ev, ImageTextEvaluator) for ev in evaluators.values())
+    uses_text = (any(isinstance(ev, OptionalImageText) for ev in evaluators.values())
+                 and dataset_yields_captions(str(cfg.dataset._target_)) and is_image_text_run(str(cfg.checkpoint)))
+    if not needs_text and not uses_text:
         encoder, key = load_encoder(str(cfg.checkpoint), cfg.backbone, seed=cfg.trainer.seed)
         return encoder, key, None
     method = load_method(str(cfg.checkpoint))

@@ -3,8 +3,12 @@
 `vfm.evaluators.suite.run_evaluators` dispatches on the kind (`isinstance`), so an evaluator's
 call signature is a contract stated here, not discovered at run time:
 
-- `FrozenFeatureEvaluator` (kNN, linear probe): `(features, num_classes)`. The encoder's features
-  of every split are extracted once and shared by all of them.
+- `FrozenFeatureEvaluator` (kNN, linear probe, retrieval): `(features, num_classes)`. The encoder's
+  features of every split are extracted once and shared by all of them.
+- `OptionalImageText`, mixed into a frozen-feature evaluator (retrieval): when the encoder comes
+  with an image-text model and the dataset captions its test split (`DataSplits.test_captions`),
+  `image_text(features, test_captions=, text_model=)` adds image-text metrics to those of
+  `__call__`; otherwise they are simply absent (an image-only checkpoint is no error).
 - `ImageTextEvaluator` (zero-shot): the same features plus the dataset's class names and the
   image-text model (`encode_text`, `project_image`) of an image-text method such as CLIP. A
   random-initialisation baseline has no text tower, so these are left out of it.
@@ -35,7 +39,10 @@ if TYPE_CHECKING:
     from vfm.evaluators.dense_features import DenseInputs
     from vfm.evaluators.features import SplitFeatures
 
-__all__ = ["DenseEvaluator", "Evaluator", "FrozenFeatureEvaluator", "ImageTextEvaluator", "TrainsEncoderEvaluator"]
+__all__ = [
+    "DenseEvaluator", "Evaluator", "FrozenFeatureEvaluator", "ImageTextEvaluator", "OptionalImageText",
+    "TrainsEncoderEvaluator",
+]
 
 
 class FrozenFeatureEvaluator(ABC):
@@ -58,6 +65,17 @@ class ImageTextEvaluator(ABC):
     def __call__(self, features: SplitFeatures, num_classes: int, *, class_names: Sequence[str],
                  text_model: nn.Module) -> dict[str, float]:
         """text_model: `encode_text(list[str]) -> [T, E]`, `project_image([N, D]) -> [N, E]`."""
+
+
+class OptionalImageText(ABC):
+    """Mixed into a `FrozenFeatureEvaluator` whose protocol has an image-text part: run only when
+    there is a text model and the test split has a caption per image."""
+
+    @abstractmethod
+    def image_text(self, features: SplitFeatures, *, test_captions: Sequence[str],
+                   text_model: nn.Module) -> dict[str, float]:
+        """features: the same the evaluator's `__call__` got; test_captions: the caption of each
+        test item, in order; text_model as for `ImageTextEvaluator`."""
 
 
 class TrainsEncoderEvaluator(ABC):

@@ -17,6 +17,7 @@ from vfm.evaluators.protocols import (
     Evaluator,
     FrozenFeatureEvaluator,
     ImageTextEvaluator,
+    OptionalImageText,
     TrainsEncoderEvaluator,
 )
 
@@ -58,7 +59,10 @@ def run_evaluators(
 
     Frozen-feature and image-text evaluators share one extraction of the encoder's features, one
     set per recipe they name (cached in `cache_path` under `cache_key`, other recipes beside it);
-    image-text ones also get the class names and `text_model`. Evaluators that train the encoder
+    image-text ones also get the class names and `text_model`; a frozen-feature evaluator with an
+    optional image-text part (`OptionalImageText`: retrieval) also runs it when there is a
+    `text_model` and the splits caption their test images (`splits.test_captions`), and reports
+    only its image metrics otherwise. Evaluators that train the encoder
     get `checkpoint_dir = work_dir / (prefix + name)` (e.g. `<run>/finetune`,
     `<run>/eval/baseline/finetune`) when `work_dir` is given, so running the same evaluation again
     resumes them. Dense evaluators (segmentation, attention
@@ -97,6 +101,9 @@ def run_evaluators(
             out = evaluator(feats[recipes[name]], splits.num_classes, class_names=splits.class_names, text_model=text_model)
         else:
             out = evaluator(feats[recipes[name]], splits.num_classes)
+            captions = getattr(splits, "test_captions", None)  # duck-typed splits may not have the field
+            if isinstance(evaluator, OptionalImageText) and text_model is not None and captions is not None:
+                out = {**out, **evaluator.image_text(feats[recipes[name]], test_captions=captions, text_model=text_model)}
         metrics.update({f"{prefix}{k}": float(v) for k, v in out.items()})
     return metrics
 
