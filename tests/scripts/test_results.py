@@ -55,10 +55,17 @@ def test_table_and_markers(results: ModuleType, tmp_path: Path) -> None:
     info = {"cpu": "Test CPU", "amx": "no", "cores": "2", "torch": "2.x", "commit": "abc", "gpu": "none"}
     recs = [{"name": "dino", "finished": True, "seconds": 125.0, "command": "pretrain method=dino",
              "metrics": {"knn/top1": 80.0, "linear/top1": 82.5, "linear/val_top1": 83.0, "train/epochs": 3}},
+            {"name": "clip", "finished": True, "seconds": 60.0, "command": "pretrain method=clip",
+             "metrics": {"knn/top1": 70.0, "retrieval/i2t_r1": 41.25, "zero_shot/top1": 60.0}},
             {"name": "eva", "finished": False, "error": "needs row(s) dino"}]
-    body = results.table({"dino": "DINO", "eva": "EVA"}, recs, info)
+    body = results.table({"dino": "DINO", "clip": "CLIP", "eva": "EVA"}, recs, info)
     assert "| DINO | `pretrain method=dino` | 3 | 2 min 05 s |" in body and "82.50 (83.00)" in body
     assert "| EVA | not run: needs row(s) dino |" in body and "Test CPU" in body and "AMX: no" in body
+    # image→text R@1, the last column: the CLIP row's value, a dash for an image-only row
+    header, _, dino, clip, eva = body.splitlines()[2:7]
+    assert header.endswith("| zero-shot | image→text R@1 |") and clip.endswith("| 60.00 | 41.25 |")
+    assert dino.endswith("| – | – |")
+    assert header.count("|") == dino.count("|") == clip.count("|") == eva.count("|")
     page = tmp_path / "page.md"
     page.write_text(f"intro\n{results.BEGIN}\nold\n{results.END}\noutro\n")
     results.replace_between_markers(page, body)
