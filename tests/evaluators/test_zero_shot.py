@@ -59,3 +59,34 @@ def test_zero_shot_accuracy_on_known_embeddings():
 def test_templates_need_a_slot():
     with pytest.raises(ValueError, match="'{}'"):
         ZeroShot(templates=["a photo"])
+
+
+
+class ModeRecordingTextModel(ToyTextModel):
+    """The toy model with a dropout text tower that records the mode it was called in."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(p=0.5)
+        self.seen_training: list[bool] = []
+
+    def encode_text(self, texts):
+        self.seen_training.append(self.drop.training)
+        return self.drop(super().encode_text(texts))
+
+    def project_image(self, features):
+        self.seen_training.append(self.drop.training)
+        return super().project_image(features)
+
+
+def test_zero_shot_runs_the_text_tower_in_eval_mode_and_restores_training():
+    """Mid-pretraining the model is in training mode: zero-shot must call its towers in eval mode
+    (no dropout) and hand the model back in training mode."""
+    x = torch.tensor([[1.0, 0.1, 0, 0], [0.1, 1, 0, 0], [0, 0, 1, 0]])
+    y = torch.tensor([0, 1, 2])
+    feats = SplitFeatures(train_x=x, train_y=y, test_x=x, test_y=y)
+    model = ModeRecordingTextModel().train()
+    out = ZeroShot(templates=["a photo of a {}."])(feats, 3, class_names=["cat", "dog", "bird"], text_model=model)
+    assert out["zero_shot/top1"] == 100.0
+    assert model.seen_training and not any(model.seen_training)
+    assert model.training and model.drop.training

@@ -26,8 +26,9 @@ Every evaluator returns `{metric name: value}` (accuracies in percent).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,3 +100,16 @@ class DenseEvaluator(ABC):
 
 
 Evaluator = FrozenFeatureEvaluator | ImageTextEvaluator | TrainsEncoderEvaluator | DenseEvaluator
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode for the block, each module's flag restored after it: an image-text
+    evaluator runs mid-pretraining too, where a trainable text tower must not apply dropout."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

@@ -38,16 +38,15 @@ which caps the recall (about k/10 image->text with 10 templates; `docs/evaluatio
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfm.evaluators.features import SplitFeatures
-from vfm.evaluators.protocols import FrozenFeatureEvaluator, OptionalImageText
+from vfm.evaluators.protocols import FrozenFeatureEvaluator, OptionalImageText, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +148,6 @@ def sample_pairs(n: int, max_pairs: int | None, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_pairs].sort().values
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model` in eval mode for the block (no text-tower dropout mid-training), each flag restored."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
 class Retrieval(FrozenFeatureEvaluator, OptionalImageText):
     """Class-level image retrieval: queries from test (and val), gallery = train split; and, for
     an image-text model on captioned test images, image<->text recall@k (`image_text`).
@@ -229,7 +216,7 @@ class Retrieval(FrozenFeatureEvaluator, OptionalImageText):
         texts = list(distinct)
         device = next(text_model.parameters()).device
         bs = self.batch_size
-        with _eval_mode(text_model):
+        with eval_mode(text_model):
             x = features.test_x[idx]
             image_emb = torch.cat([text_model.project_image(x[i : i + bs].to(device)).float() for i in range(0, len(x), bs)])
             text_emb = torch.cat([text_model.encode_text(texts[i : i + bs]).float() for i in range(0, len(texts), bs)])

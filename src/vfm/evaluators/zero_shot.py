@@ -21,7 +21,7 @@ from torch import Tensor
 from vfm.data.prompts import ZERO_SHOT_TEMPLATES
 from vfm.evaluators.features import SplitFeatures
 from vfm.evaluators.metrics import topk_accuracy
-from vfm.evaluators.protocols import ImageTextEvaluator
+from vfm.evaluators.protocols import ImageTextEvaluator, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,14 @@ class ZeroShot(ImageTextEvaluator):
         if len(class_names) != num_classes or num_classes == 0:
             raise ValueError(f"zero-shot needs the dataset's {num_classes} class names, got {len(class_names)}")
         device = next(text_model.parameters()).device
-        weights = zero_shot_classifier(text_model, class_names, self.templates).to(device)
+        with eval_mode(text_model):
+            weights = zero_shot_classifier(text_model, class_names, self.templates).to(device)
         out: dict[str, float] = {}
         for split in ("val", "test"):
             x, y = getattr(features, f"{split}_x"), getattr(features, f"{split}_y")
             if x is None:
                 continue
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(text_model):
                 logits = (text_model.project_image(x.to(device)) @ weights.T).cpu()
             pre = "zero_shot/" if split == "test" else "zero_shot/val_"
             out[f"{pre}top1"], out[f"{pre}top5"] = topk_accuracy(logits, y, 1), topk_accuracy(logits, y, 5)
