@@ -130,3 +130,31 @@ def test_strategy_single_trains_on_one_rank_of_a_process_group(tmp_path):
     torch.multiprocessing.spawn(_single_on_rank0, args=(port, str(tmp_path)), nprocs=2, join=True)
     state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)
     assert state["step"] == 8 and state["steps_per_epoch"] == 4
+
+
+def test_curve_keeps_its_points_across_a_resume_without_repeating_one(tmp_path):
+    """Each evaluation is a point {epoch, step, metrics} of <run>/curves.json. A run stopped after
+    step 6 (the point of epoch 1, step 4, was written) and resumed there keeps that point; a point
+    left by evaluations past the checkpoint (a run killed before its next checkpoint) is dropped
+    and measured again; the resumed run adds epochs 2 and 3 once each."""
+    from vfm.engine.curves import add_point, read_curve
+
+    curves = tmp_path / "curves.json"
+    evaluated: list[tuple[int, int]] = []
+
+    def train(**kw):
+        trainer = Trainer(max_epochs=3, batch_size=16, precision="fp32", device="cpu", progress=False, **kw)
+        return trainer.fit(
+            Regression(), _tiny_data(), collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={},
+            run_dir=tmp_path, evaluate_fn=lambda enc, epoch: evaluated.append(epoch) or {"acc": 10.0 * epoch},
+            eval_every_n_epochs=1, eval_last_epoch=True, eval_curves=curves,
+        )
+
+    train(max_steps=6)  # 4 steps per epoch: stops in epoch 2, checkpoint at step 6
+    assert read_curve(curves) == [{"epoch": 1, "step": 4, "metrics": {"acc": 10.0}}]
+    add_point(curves, 1.75, 7, {"acc": -1.0})  # measured on weights no checkpoint holds
+    train()
+    assert evaluated == [1, 2, 3]
+    assert read_curve(curves) == [{"epoch": e, "step": 4 * e, "metrics": {"acc": 10.0 * e}} for e in (1, 2, 3)]
+    train()  # already finished: nothing evaluated, nothing lost
+    assert evaluated == [1, 2, 3] and len(read_curve(curves)) == 3

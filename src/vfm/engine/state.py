@@ -38,11 +38,13 @@ class TrainData:
 @dataclass
 class Evaluation:
     """`fit`'s periodic evaluation: `fn(encoder, epoch)` after every `every_n_epochs`-th epoch, the
-    last one only if `last_epoch` (pretraining evaluates the final weights itself)."""
+    last one only if `last_epoch` (pretraining evaluates the final weights itself); each result
+    is also a point of the learning curve in `curves` (`vfm.engine.curves`) when given."""
 
     fn: Callable[[nn.Module, int], dict[str, float]] | None = None
     every_n_epochs: int = 0
     last_epoch: bool = False
+    curves: Path | None = None
 
     def due(self, epoch: int, max_epochs: int) -> bool:
         """Whether it runs after `epoch` (counted from 1)."""

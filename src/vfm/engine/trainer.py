@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from vfm.data.datasets import BadFileDataset
 from vfm.data.loader import build_train_loader
 from vfm.engine.checkpoint import load_model_state, resume_state, save_checkpoint
+from vfm.engine.curves import add_point, trim_curve
 from vfm.engine.device import (
     PRECISION_CHOICES,
     PRECISIONS,
@@ -160,6 +161,7 @@ class Trainer:
         eval_every_n_epochs: int = 0,
         extra_state: dict[str, Any] | None = None,
         eval_last_epoch: bool = False,
+        eval_curves: str | Path | None = None,
     ) -> dict[str, Any]:
         """Train `method` and return {"step", "epoch", "history", "lr_rule", "finished",
         "steps_per_epoch"}.
@@ -168,7 +170,9 @@ class Trainer:
         `strategy=fsdp`: on rank 0 only; the other ranks' copy is not updated).
 
         `evaluate_fn(encoder, epoch)` runs on rank 0 every `eval_every_n_epochs` epochs, except
-        after the last one (the caller evaluates the final weights) unless `eval_last_epoch`.
+        after the last one (the caller evaluates the final weights) unless `eval_last_epoch`;
+        with `eval_curves`, each result is also recorded there with its epoch and step
+        (`vfm.engine.curves`: the points after the step training resumes from are dropped).
         With `augment_on_device`, `collate_fn` is a `vfm.data.collate.Collate` that can defer.
         """
         strategy = build_strategy(self.strategy, select_device(self.device_name), self.accum_steps)
@@ -179,7 +183,10 @@ class Trainer:
         data = self._setup_data(train_dataset, collate_fn, optim, schedules, strategy)
         run = self._setup_model(method, optim, data, strategy, Path(run_dir) / "checkpoints", logger)
         run.extra_state = extra_state or {}
-        run.evaluation = Evaluation(evaluate_fn, eval_every_n_epochs, eval_last_epoch)
+        curves = Path(eval_curves) if eval_curves is not None else None
+        run.evaluation = Evaluation(evaluate_fn, eval_every_n_epochs, eval_last_epoch, curves)
+        if curves is not None and strategy.is_main:
+            trim_curve(curves, run.step)
         run.net.train()
         with StopOnSignal(self.stop_signals) as stop:
             for epoch in range(run.step // data.steps_per_epoch, self.max_epochs):
@@ -380,6 +387,8 @@ class Trainer:
             if method is not None:
                 metrics = run.evaluation.fn(method.encoder, run.epoch + 1)
                 run.logger.log_scalars({f"eval/{k}": v for k, v in metrics.items()}, run.step)
+                if run.evaluation.curves is not None:
+                    add_point(run.evaluation.curves, run.epoch + 1, run.step, metrics)
         run.strategy.wait_for_main()
         return metrics
 
