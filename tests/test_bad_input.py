@@ -127,6 +127,18 @@ def test_error_from_a_dataloader_worker_is_one_line(capsys):
     assert info.value.code == 2 and capsys.readouterr().err == "data error: cannot decode a.png\n"
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["evaluator=[knn]", "eval.periodic=[linear]"],
+     r"^eval\.periodic=\[linear\] names linear, not among this run's evaluator=\[knn\]; set eval\.periodic=\[knn\] "
+     r"or eval\.every_n_epochs=0$"),
+    (["eval.periodic=[]"], r"^eval\.periodic=\[\] runs nothing every eval\.every_n_epochs=1 epochs; set eval\.periodic=\[knn\]"),
+])
+def test_periodic_evaluators_are_some_of_the_runs(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_pretrain(compose_cfg(TINY + ["eval.every_n_epochs=1", *overrides]))
+    validate_pretrain(compose_cfg(TINY + overrides))  # no evaluation during training: not read
+
+
 def test_run_directory_and_data_errors_in_process(tmp_path):
     from vfm.pretrain import run
 
@@ -135,6 +147,10 @@ def test_run_directory_and_data_errors_in_process(tmp_path):
     with pytest.raises(ConfigError, match=r"^dataset \(vfm\.data\.datasets\.imagefolder\): .*Set dataset\.root"):
         run(compose_cfg(TINY[1:] + ["dataset=imagefolder", f"dataset.root={tmp_path}/none", "dataset.img_size=28",
                                     "dataset.in_chans=1", "dataset.mean=[0.5]", "dataset.std=[0.25]"], tmp_path / "r"))
+    with pytest.raises(ConfigError, match=r"^eval\.every_n_epochs=1 evaluates on the validation split during "
+                                          r"training, but dataset synthetic has none; .* or set eval\.every_n_epochs=0$"):
+        run(compose_cfg(TINY + ["eval.every_n_epochs=1", "dataset.num_val=0"], tmp_path / "v"))
+    assert not (tmp_path / "v" / "checkpoints").exists()  # refused before training
 
 
 def _garbage_images(root: Path, n: int = 20) -> Path:

@@ -75,17 +75,24 @@ def test_interrupted_then_resumed_equals_uninterrupted(method, tiny_method_cfg, 
     assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
-def test_periodic_eval_and_accumulation(tiny_cfg, tmp_path):
+def test_periodic_eval_reports_validation_only_and_accumulation(tiny_cfg, tmp_path):
     # global batch 64 as 2 micro-batches of 32: same steps and the same lr rule as without accumulation
     run = tmp_path / "acc"
-    cfg = tiny_cfg("trainer.accum_steps=2", "eval.every_n_epochs=1", "eval.baseline=false", "evaluator=[knn]",
-                   "logger=none", run_dir=run)
+    cfg = tiny_cfg("trainer.accum_steps=2", "eval.every_n_epochs=1", "eval.baseline=false", "evaluator=[knn,linear]",
+                   "evaluator.linear.epochs=1", "logger=none", run_dir=run)
     metrics = pretrain.run(cfg)
     state = torch.load(run / "checkpoints/last.pt", weights_only=False)
     assert metrics["train/steps"] == state["step"] == 16
     assert "* 64 / 256" in state["lr_rule"]
-    # evaluated after epoch 1 during training; the last epoch's evaluation is the final one
-    assert "knn/top1" in state["history"][0] and "knn/top1" not in state["history"][1]
+    # evaluated after epoch 1 during training (eval.periodic: kNN alone, on val: the test split is not
+    # read; these metrics are what the log and TensorBoard's eval/ get); the last epoch's
+    # evaluation is the final one, test included
+    assert set(k for k in state["history"][0] if "/" in k) == {"knn/val_top1"}
+    assert "knn/val_top1" not in state["history"][1] and {"knn/top1", "linear/top1"} <= set(metrics)
+    # the curve: epoch 1 as evaluated then, epoch 2 the final evaluation's validation value
+    curve = json.loads((run / "curves.json").read_text())
+    assert curve == [{"epoch": 1, "step": 8, "metrics": {"knn/val_top1": state["history"][0]["knn/val_top1"]}},
+                     {"epoch": 2.0, "step": 16, "metrics": {"knn/val_top1": metrics["knn/val_top1"]}}]
 
 
 def test_non_finite_loss_stops_with_step(tiny_cfg):
@@ -267,3 +274,28 @@ def test_the_command_names_its_config_files_and_backbone(tmp_path):
     log_text = (run / "pretrain.log").read_text()
     assert f"config files (in merge order, later ones win): {', '.join(files)}" in log_text
     assert "backbone: vit_tiny_patch16_224 with depth=2, embed_dim=32, num_heads=2, patch_size=7, img_size=28" in log_text
+
+
+def test_evaluating_during_training_draws_nothing_from_the_random_streams(tmp_path):
+    """kNN and the figures of a periodic evaluation use no global random number: a run with
+    eval.every_n_epochs trains exactly like one without (drop path and crops draw from them)."""
+    import random
+
+    import numpy as np
+
+    from vfm.backbones import Backbone
+    from vfm.data.datasets import synthetic
+    from vfm.engine.logging import NullLogger
+    from vfm.evaluators.knn import KNN
+    from vfm.evaluators.suite import run_evaluators
+
+    torch.manual_seed(0)
+    encoder = Backbone("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1,
+                       model_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    splits = synthetic(num_train=64, num_val=32, num_test=0)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    pretrain.visualize(encoder, splits, tmp_path, NullLogger(), epoch=1)
+    metrics = run_evaluators(encoder, splits, {"knn": KNN()}, progress=False)
+    after = (torch.get_rng_state(), np.random.get_state()[1], random.getstate())
+    assert set(metrics) == {"knn/val_top1"} and (tmp_path / "viz" / "attention_epoch0001.png").is_file()
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]

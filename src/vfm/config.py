@@ -262,6 +262,24 @@ def _cross_checks(cfg: DictConfig, world_size: int) -> None:
             f"evaluators {list(cfg.evaluator.keys())} need labels but dataset {cfg.dataset._target_} has none; "
             f"pass evaluator=[] (then evaluate the checkpoint on a labelled dataset with `evaluate`)"
         )
+    _check_periodic(cfg)
+
+
+def _check_periodic(cfg: DictConfig) -> None:
+    """Evaluating during training (`eval.every_n_epochs`) runs `eval.periodic`: some of the run's evaluators."""
+    every = cfg.eval.every_n_epochs
+    if not every:
+        return
+    names, periodic = list((cfg.get("evaluator") or {}).keys()), list(cfg.eval.get("periodic") or [])
+    example = "knn" if "knn" in names else (names[0] if names else None)
+    fix = f"eval.periodic=[{example}]" if example else "an evaluator (e.g. evaluator=[knn])"
+    if not periodic:
+        raise ConfigError(f"eval.periodic=[] runs nothing every eval.every_n_epochs={every} epochs; set {fix} "
+                          f"or eval.every_n_epochs=0")
+    missing = [p for p in periodic if p not in names]
+    if missing:
+        raise ConfigError(f"eval.periodic=[{','.join(periodic)}] names {', '.join(missing)}, not among this run's "
+                          f"evaluator=[{','.join(names)}]; set {fix} or eval.every_n_epochs=0")
 
 
 def _check_trainer(tr: DictConfig, world_size: int) -> None:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -37,6 +38,7 @@ from vfm.config import (
 )
 from vfm.data.collate import Collate
 from vfm.data.datasets import BadFileDataset, DataSplits
+from vfm.engine.curves import CURVES_NAME, add_point, validation_metrics
 from vfm.engine.logging import NullLogger
 from vfm.engine.preemption import Preempted, requeue_slurm_job
 from vfm.engine.trainer import Trainer, select_device
@@ -157,6 +159,11 @@ def build_components(cfg: DictConfig, run_dir: Path) -> Components:
     splits = instantiate_checked(cfg.dataset, "dataset")  # the first data read
     check_training_data(cfg, splits.train, vdist.get_world_size())
     evaluators = {k: instantiate_checked(v, f"evaluator.{k}") for k, v in (cfg.get("evaluator") or {}).items()}
+    if cfg.eval.every_n_epochs and splits.val is None:
+        raise ConfigError(
+            f"eval.every_n_epochs={cfg.eval.every_n_epochs} evaluates on the validation split during training, but "
+            f"dataset {dataset_name(cfg)} has none; give it one (e.g. dataset.val_fraction=0.1) or set eval.every_n_epochs=0"
+        )
     logger = instantiate_checked(cfg.logger, "logger", save_dir=str(run_dir)) if vdist.get_rank() == 0 else NullLogger()
     logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
     # distributed=False: every evaluation below runs on rank 0 alone (the others wait at a barrier),
@@ -210,18 +217,25 @@ def log_start(cfg: DictConfig, method: Method, run_dir: Path) -> dict[str, Any]:
 
 
 def train(cfg: DictConfig, parts: Components, run_dir: Path) -> dict[str, Any]:
-    """`Trainer.fit` on the training split, evaluating every `eval.every_n_epochs` epochs."""
+    """`Trainer.fit` on the training split, evaluating every `eval.every_n_epochs` epochs: the
+    `eval.periodic` evaluators on the validation split only (the test split is read once, after
+    training), each result a point of `<run>/curves.json`."""
     method = parts.method
+    # some of the run's evaluators (validate_pretrain), when evaluating during training at all
+    periodic = {name: parts.evaluators[name] for name in cfg.eval.periodic} if cfg.eval.every_n_epochs else {}
+    # without its test split the evaluators can only report validation metrics (knn/val_top1, ...)
+    val_splits = dataclasses.replace(parts.splits, test=None)
 
     def evaluate_fn(encoder: torch.nn.Module, epoch: int) -> dict[str, float]:
         visualize(encoder, parts.splits, run_dir, parts.logger, epoch, method=method, masking=parts.masking)
-        return run_evaluators(encoder, parts.splits, parts.evaluators, text_model=method.text_model, **parts.eval_kw,
+        return run_evaluators(encoder, val_splits, periodic, text_model=method.text_model, **parts.eval_kw,
                               on_figure=lambda tag, image: parts.logger.log_image(f"eval/{tag}", image, epoch))
 
     return parts.trainer.fit(
         method, parts.splits.train, parts.collate, optim=parts.optim, schedules=parts.schedules, run_dir=run_dir,
         logger=parts.logger, evaluate_fn=evaluate_fn, eval_every_n_epochs=cfg.eval.every_n_epochs,
         extra_state={"config": OmegaConf.to_container(cfg, resolve=True), "encoder_prefix": encoder_prefix(method)},
+        eval_curves=run_dir / CURVES_NAME if cfg.eval.every_n_epochs else None,
     )
 
 
@@ -263,6 +277,9 @@ def finish(cfg: DictConfig, parts: Components, run_dir: Path, result: dict[str, 
     """metrics.json (the metrics, the lr rule, the config files, the backbone), TensorBoard's
     final scalars and hparams, and the results table in the log."""
     atomic_write_json(run_dir / "metrics.json", {"metrics": metrics, "lr_rule": result["lr_rule"], **provenance})
+    if cfg.eval.every_n_epochs:  # the curve's last point: the final weights on the validation split
+        add_point(run_dir / CURVES_NAME, result["epoch"], result["step"],
+                  validation_metrics(metrics, list(cfg.eval.periodic)))
     logger = parts.logger
     logger.log_scalars({f"final/{k}": v for k, v in metrics.items()}, result["step"])
     logger.log_hparams(_hparams(cfg), {k: v for k, v in metrics.items() if "/" in k})

@@ -74,6 +74,15 @@ def test_evaluator_on_a_tiny_vit() -> None:
     assert m["attention_jaccard/single_head_index"] in (0.0, 1.0)
 
 
+def test_scores_of_the_val_split_are_named_val() -> None:
+    """Without a test split (pretraining's periodic evaluation) the val scores must not pass for test ones."""
+    splits = synthetic_shapes(n_train=4, n_val=12, n_test=12)
+    test = run_evaluators(tiny_vit(), splits, {"attention_jaccard": AttentionJaccard()}, batch_size=8, progress=False)
+    splits.val, splits.test = splits.test, None  # the same images, now as the val split
+    val = run_evaluators(tiny_vit(), splits, {"attention_jaccard": AttentionJaccard()}, batch_size=8, progress=False)
+    assert val == {k.replace("attention_jaccard/", "attention_jaccard/val_"): v for k, v in test.items()}
+
+
 def test_encoder_without_attention_is_refused() -> None:
     splits = synthetic_shapes(n_train=4, n_val=4, n_test=4)
     conv = nn.Sequential(nn.Conv2d(3, 8, 8, 8), nn.Flatten(), nn.LazyLinear(4))

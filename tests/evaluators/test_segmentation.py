@@ -3,6 +3,7 @@ mIoU arithmetic, the end-to-end evaluator on a tiny ViT, the suite's dense kind,
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,8 @@ def test_pretrain_evaluates_periodically_and_logs_the_figure(tiny_cfg, tmp_path:
     from vfm.pretrain import run
 
     cfg = tiny_cfg("dataset=synthetic_shapes", "evaluator=[segmentation,attention_jaccard]", "eval.every_n_epochs=1",
-                   "eval.baseline=false", "evaluator.segmentation.epochs=1",
-                   run_dir=tmp_path / "run")
+                   "eval.periodic=[segmentation,attention_jaccard]", "eval.baseline=false",
+                   "evaluator.segmentation.epochs=1", run_dir=tmp_path / "run")
     metrics = run(cfg)
     assert 0 <= metrics["segmentation/miou"] <= 100 and 0 <= metrics["attention_jaccard/best_head"] <= 100
     assert (tmp_path / "run" / "eval" / "segmentation" / "predictions.png").is_file()
@@ -147,6 +148,10 @@ def test_pretrain_evaluates_periodically_and_logs_the_figure(tiny_cfg, tmp_path:
 
     tags = EventAccumulator(str(tmp_path / "run" / "tb")).Reload().Tags()["images"]
     assert {"eval/segmentation/predictions", "final/segmentation/predictions"} <= set(tags)
+    # during training on val only: the Jaccard of the val split is named so, no test mIoU
+    during = json.loads((tmp_path / "run" / "curves.json").read_text())[0]["metrics"]
+    assert {"segmentation/val_miou", "attention_jaccard/val_best_head"} <= set(during)
+    assert not {"segmentation/miou", "attention_jaccard/best_head"} & set(during)
 
 
 def test_encoder_without_patch_tokens_is_refused() -> None:

@@ -11,9 +11,10 @@ and compared with the ground-truth mask by Jaccard (intersection over union). Ou
   its pixels, as DINO's ``interpolate(scale_factor=patch_size, mode="nearest")``);
 - foreground = mask > 0 (every object class merged), pixels labelled 255 left out of both sets;
   images without foreground are skipped;
-- reported (in percent, averaged over the images of the test split, else val): ``best_head``,
-  the best head of each image (DINO's ``max`` over heads), ``mean_head``, the mean over heads,
-  and ``single_head``, the one head with the best average (its index as ``single_head_index``).
+- reported (in percent, averaged over the images of the test split, else val, the keys then
+  ``val_best_head``, ...): ``best_head``, the best head of each image (DINO's ``max`` over heads),
+  ``mean_head``, the mean over heads, and ``single_head``, the one head with the best average (its
+  index as ``single_head_index``).
 
 DINO scores each object class of a VOC image separately (best head per object, averaged over the
 objects); with one foreground per image (Fashion-MNIST) the two agree.
@@ -70,7 +71,8 @@ class AttentionJaccard(DenseEvaluator):
     @torch.no_grad()
     def __call__(self, encoder: nn.Module, splits: Any, *, inputs: DenseInputs,
                  out_dir: str | Path | None = None) -> dict[str, float]:
-        """``attention_jaccard/{best_head,mean_head,single_head,single_head_index}``, in percent."""
+        """``attention_jaccard/{best_head,mean_head,single_head,single_head_index}`` on the test split,
+        in percent (``attention_jaccard/val_...`` on the val split, without a test split)."""
         try:
             vit = as_vision_transformer(encoder)
         except ValueError as e:
@@ -92,11 +94,13 @@ class AttentionJaccard(DenseEvaluator):
             raise ValueError(f"attention_jaccard: no image of the {split} split has foreground pixels (mask > 0)")
         per_head = jac.mean(0)
         single = int(per_head.argmax())
+        # scores of the val split are named as such (`val_best_head`, ...), like every evaluator's
+        pre = "attention_jaccard/" if split == "test" else "attention_jaccard/val_"
         metrics = {
-            "attention_jaccard/best_head": 100 * float(jac.amax(1).mean()),
-            "attention_jaccard/mean_head": 100 * float(jac.mean()),
-            "attention_jaccard/single_head": 100 * float(per_head[single]),
-            "attention_jaccard/single_head_index": float(single),
+            f"{pre}best_head": 100 * float(jac.amax(1).mean()),
+            f"{pre}mean_head": 100 * float(jac.mean()),
+            f"{pre}single_head": 100 * float(per_head[single]),
+            f"{pre}single_head_index": float(single),
         }
         log.info("attention Jaccard (%s, %d images, %d heads, threshold %g): %s", split, len(jac), jac.shape[1],
                  self.threshold, ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
