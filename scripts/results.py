@@ -3,6 +3,7 @@
     python scripts/results.py                 # every row; finished rows are skipped
     python scripts/results.py --rows dino,eva # some rows (and nothing else)
     QUICK=1 python scripts/results.py         # a few steps per run, into outputs/results-quick/
+    python scripts/results.py --rows dino --curves  # also kNN on val every epoch: docs/images/curves/dino.png
 
 Each row is one or more `pretrain` / `evaluate` runs, each in its own run directory under `--out`
 (default `outputs/results`); a chained row names the rows it needs (EVA learns from the DINO row's
@@ -35,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 EVALUATORS = "evaluator=[knn,linear,retrieval,fewshot]"
+CURVES = "eval.every_n_epochs=1"  # --curves: kNN (eval.periodic's default) on the validation split after every epoch
 
 
 @dataclass(frozen=True)
@@ -106,18 +108,33 @@ def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def command(row: Row, run_dir: Path, quick: bool) -> list[str]:
-    """The exact command line of a row (printed in the table without the run-directory override)."""
+def command(row: Row, run_dir: Path, quick: bool, curves: bool = False) -> list[str]:
+    """The exact command line of a row (printed in the table without the run-directory override);
+    `curves`: a pretrain row also evaluates kNN on the validation split after every epoch."""
     dense = row.name.startswith("dense_")
     if quick and not dense:  # the pipeline end to end in about a minute a row: 5 steps, kNN only, no baseline
         args = [*row.args, "evaluator=[knn]", *(["trainer.max_steps=5", "eval.baseline=false"] if row.entry == "pretrain" else [])]
     else:
         args = [*row.args] if dense else [*row.args, EVALUATORS]
+    if curves and row.entry == "pretrain":
+        args.append(CURVES)
     args.append("trainer.progress=false")
     return [sys.executable, "-m", f"vfm.{row.entry}", *args, f"hydra.run.dir={run_dir}"]
 
 
-def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool]) -> dict[str, Any]:
+def plot_curve(row: Row, run_dir: Path, png: Path) -> None:
+    """The row's kNN validation curve (`scripts/plot_curves.py`) as `png`, when the run wrote one."""
+    if not (run_dir / "curves.json").is_file():
+        return
+    cmd = [sys.executable, str(ROOT / "scripts" / "plot_curves.py"), str(run_dir), "--out", str(png),
+           "--title", row.label]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    # a missing plot does not fail the row: its numbers are in row.json
+    print(f"[results] {row.name}: " + (f"curve in {png}" if proc.returncode == 0 else f"no curve: {proc.stderr.strip()}"),
+          flush=True)
+
+
+def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool], curves: bool = False) -> dict[str, Any]:
     """Run `row` unless it finished before; return its record (metrics, seconds, command)."""
     run_dir = out / row.name
     record_path = run_dir / "row.json"
@@ -127,13 +144,15 @@ def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool]) -> dict[str
     if missing:
         return {"name": row.name, "finished": False, "error": f"needs row(s) {', '.join(missing)}"}
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = command(row, run_dir, quick)
+    cmd = command(row, run_dir, quick, curves)
     print(f"[results] {row.name}: {' '.join(cmd[2:])}", flush=True)
     t0, commit = time.time(), _commit()  # the code the row runs, whatever lands while it runs
     with open(run_dir / "stdout.txt", "a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    # the wall time includes the evaluations during training: the table's command says so
+    shown = [row.entry, *row.args, *([CURVES] if CURVES in cmd else [])]
     record: dict[str, Any] = {"name": row.name, "seconds": round(time.time() - t0, 1), "returncode": rc,
-                              "command": " ".join([row.entry, *row.args]), "commit": commit}
+                              "command": " ".join(shown), "commit": commit}
     try:
         record["metrics"] = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         record["finished"] = rc == 0
@@ -221,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--no-docs", action="store_true", help="write only under --out, not docs/ and README.md")
     ap.add_argument("--report", action="store_true", help="run nothing: write the table from the finished rows")
+    ap.add_argument("--curves", action="store_true",
+                    help="pretrain rows also evaluate kNN on val every epoch; each row's curve goes to "
+                         "docs/images/curves/<row>.png (<out>/curves/ with QUICK=1 or --no-docs)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     all_rows = rows(str(out))
@@ -233,11 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     for r in all_rows:  # rows not chosen still count as done when they finished before
         path = out / r.name / "row.json"
         done[r.name] = path.is_file() and bool(json.loads(path.read_text()).get("finished"))
+    curve_dir = out / "curves" if (quick or args.no_docs) else ROOT / "docs" / "images" / "curves"
     records = []
     for row in all_rows:
-        rec = run_row(row, out, quick, done) if row in chosen else _previous(out, row)
+        rec = run_row(row, out, quick, done, args.curves) if row in chosen else _previous(out, row)
         done[row.name] = bool(rec.get("finished"))
         records.append(rec)
+        if args.curves and row in chosen and rec.get("finished") and row.entry == "pretrain":
+            plot_curve(row, out / row.name, curve_dir / f"{row.name}.png")
     info = machine()
     body = table({r.name: r.label for r in all_rows}, records, info)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,3 +71,11 @@ def test_table_and_markers(results: ModuleType, tmp_path: Path) -> None:
     results.replace_between_markers(page, body)
     text = page.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "82.50" in text
+
+
+def test_curves_evaluate_pretrain_rows_every_epoch_only_when_asked(results: ModuleType, tmp_path: Path) -> None:
+    dino, pixels = results.Row("dino", "DINO", ("method=dino",)), results.Row("pixels", "px", ("checkpoint=pixels",), entry="evaluate")
+    plain = results.command(dino, tmp_path, quick=False)
+    assert not any(a.startswith("eval.every_n_epochs") for a in plain)  # the default rows are unchanged
+    assert results.command(dino, tmp_path, quick=False, curves=True) == [*plain[:-2], "eval.every_n_epochs=1", *plain[-2:]]
+    assert results.command(pixels, tmp_path, quick=False, curves=True) == results.command(pixels, tmp_path, quick=False)
