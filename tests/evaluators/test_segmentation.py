@@ -135,6 +135,15 @@ def test_segmentation_folder_ade_layout(tmp_path: Path) -> None:
     assert splits.test[0][1] == -1  # no image-level label
 
 
+def test_reduce_zero_label_keeps_ignored_pixels_ignored(tmp_path: Path) -> None:
+    """mmsegmentation's reduce_zero_label: 0 -> 255 (ignored), k -> k - 1, and 255 stays 255."""
+    from vfm.data.datasets.segmentation import load_mask
+
+    _png(tmp_path / "m.png", np.array([[0, 1], [151, 255]], np.uint8), "L")
+    assert load_mask(tmp_path / "m.png", size=2, reduce_zero_label=True).tolist() == [[255, 0], [150, 255]]
+    assert load_mask(tmp_path / "m.png", size=2, reduce_zero_label=False).tolist() == [[0, 1], [151, 255]]
+
+
 def test_pretrain_evaluates_periodically_and_logs_the_figure(tiny_cfg, tmp_path: Path) -> None:
     from vfm.pretrain import run
 

@@ -194,7 +194,8 @@ def load_mask(path: Path, *, size: int, reduce_zero_label: bool) -> Tensor:
     """A class-index PNG (mode ``P`` or ``L``: the pixel value is the class) to uint8 ``[size, size]``:
     shorter side to ``size`` with nearest-neighbour resampling, centre crop (the geometry of
     :func:`~vfm.data.datasets.folders.load_image`). ``reduce_zero_label``: 0 becomes
-    :data:`IGNORE_INDEX` and every other value ``v`` becomes ``v - 1`` (ADE20k's "other" = 0)."""
+    :data:`IGNORE_INDEX`, :data:`IGNORE_INDEX` stays itself and every other value ``v`` becomes ``v - 1``
+    (ADE20k's "other" = 0)."""
     from PIL import Image
 
     with Image.open(path) as file:
@@ -211,7 +212,8 @@ def load_mask(path: Path, *, size: int, reduce_zero_label: bool) -> Tensor:
     left, top = (new_w - size) // 2, (new_h - size) // 2
     mask = torch.from_numpy(np.asarray(img.crop((left, top, left + size, top + size))).astype(np.int64))
     if reduce_zero_label:
-        mask = torch.where(mask == 0, IGNORE_INDEX + 1, mask) - 1  # 0 -> 255, v -> v - 1, 255 stays 255
+        # mmsegmentation's convention: 0 -> 255, v -> v - 1, and a pixel already ignored stays so
+        mask = torch.where((mask == 0) | (mask == IGNORE_INDEX), IGNORE_INDEX, mask - 1)
     if bool((mask < 0).any()) or bool((mask > IGNORE_INDEX).any()):
         raise ValueError(f"mask {path} has values outside [0, 255]")
     return mask.to(torch.uint8)
