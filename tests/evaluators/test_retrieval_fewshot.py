@@ -50,6 +50,16 @@ def test_retrieval_random_features_give_the_class_prior() -> None:
     assert out["retrieval/recall@1"] == pytest.approx(10.0, abs=4.0)
 
 
+def test_max_gallery_draws_a_seeded_subset_of_a_class_sorted_train_split() -> None:
+    """ImageFolder order is class-sorted: the first 50 of 10 x 10 images would hold classes 0-4 only,
+    and every query of classes 5-9 would miss (recall@1 50%). A seeded draw keeps every class."""
+    feats = _split(noise=0.1)
+    feats.train_x, feats.train_y = _clustered(10, 10, 16, 0.1, seed=3)  # sorted by class
+    out = Retrieval(max_gallery=50)(feats, num_classes=10)
+    assert out["retrieval/recall@1"] == 100.0 and out["retrieval/val_recall@1"] == 100.0
+    assert out["retrieval/map"] == pytest.approx(100.0)
+
+
 def test_retrieval_rejects_unlabelled_gallery() -> None:
     feats = _split(0.1)
     feats.train_y[0] = -1

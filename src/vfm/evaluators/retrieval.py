@@ -142,7 +142,7 @@ def image_text_recall(
 
 def sample_pairs(n: int, max_pairs: int | None, seed: int) -> Tensor:
     """Indices (sorted) of at most `max_pairs` of `n` items, drawn with a generator seeded by `seed`:
-    the same pairs for every checkpoint evaluated on the same split."""
+    the same items for every checkpoint evaluated on the same split."""
     if max_pairs is None or n <= max_pairs:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_pairs].sort().values
@@ -155,12 +155,12 @@ class Retrieval(FrozenFeatureEvaluator, OptionalImageText):
     Args:
         ks: recall@k cut-offs.
         batch_size: queries per similarity chunk (and captions per text-tower batch).
-        max_gallery: keep at most this many gallery images (the first ones in dataset order;
-            None = all) to bound the cost of ranking on large training sets.
+        max_gallery: keep at most this many gallery images, drawn with `seed` (None = all), to
+            bound the cost of ranking on large training sets.
         image_text_ks: the image<->text recall cut-offs (CLIP's 1, 5, 10).
         max_pairs: image<->text retrieval on at most this many test (image, caption) pairs,
             drawn with `seed` (None = all).
-        seed: which pairs are drawn.
+        seed: which gallery images and pairs are drawn.
     """
 
     def __init__(self, ks: Sequence[int] = (1, 5), batch_size: int = 256, max_gallery: int | None = None,
@@ -186,7 +186,9 @@ class Retrieval(FrozenFeatureEvaluator, OptionalImageText):
             raise ValueError("retrieval needs a val or test split for queries")
         gallery_x, gallery_y = features.train_x, features.train_y
         if self.max_gallery is not None:
-            gallery_x, gallery_y = gallery_x[: self.max_gallery], gallery_y[: self.max_gallery]
+            # a seeded draw, not the first N: folder datasets are sorted by class, a prefix drops classes
+            keep = sample_pairs(len(gallery_x), self.max_gallery, self.seed)
+            gallery_x, gallery_y = gallery_x[keep], gallery_y[keep]
         if (gallery_y < 0).any():
             raise ValueError("retrieval needs labelled train images for the gallery (found label -1)")
         metrics: dict[str, float] = {}
