@@ -12,7 +12,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from vfm.backbones import Backbone
-from vfm.data.datasets.segmentation import IGNORE_INDEX, synthetic_shapes
+from vfm.data.datasets.segmentation import (
+    IGNORE_INDEX,
+    SegmentationSplits,
+    TensorSegmentationDataset,
+    synthetic_shapes,
+)
 from vfm.evaluators.attention_jaccard import AttentionJaccard, attention_jaccard
 from vfm.evaluators.dense_features import DenseInputs
 from vfm.evaluators.suite import run_evaluators
@@ -68,19 +73,79 @@ def tiny_vit() -> Backbone:
 def test_evaluator_on_a_tiny_vit() -> None:
     splits = synthetic_shapes(n_train=4, n_val=4, n_test=12)
     m = run_evaluators(tiny_vit(), splits, {"attention_jaccard": AttentionJaccard()}, batch_size=8, progress=False)
-    assert set(m) == {"attention_jaccard/best_head", "attention_jaccard/mean_head",
-                      "attention_jaccard/single_head", "attention_jaccard/single_head_index"}
+    keys = {"best_head", "mean_head", "single_head", "single_head_index"}
+    assert set(m) == {f"attention_jaccard/{k}" for k in keys} | {f"attention_jaccard/val_{k}" for k in keys}
     assert 0 < m["attention_jaccard/mean_head"] <= m["attention_jaccard/best_head"] <= 100
     assert m["attention_jaccard/single_head_index"] in (0.0, 1.0)
 
 
 def test_scores_of_the_val_split_are_named_val() -> None:
-    """Without a test split (pretraining's periodic evaluation) the val scores must not pass for test ones."""
+    """Without a test split (pretraining's periodic evaluation) the val scores must not pass for
+    test ones, and are those of the val split in a full evaluation."""
     splits = synthetic_shapes(n_train=4, n_val=12, n_test=12)
-    test = run_evaluators(tiny_vit(), splits, {"attention_jaccard": AttentionJaccard()}, batch_size=8, progress=False)
-    splits.val, splits.test = splits.test, None  # the same images, now as the val split
+    both = run_evaluators(tiny_vit(), splits, {"attention_jaccard": AttentionJaccard()}, batch_size=8, progress=False)
+    splits.test = None
     val = run_evaluators(tiny_vit(), splits, {"attention_jaccard": AttentionJaccard()}, batch_size=8, progress=False)
-    assert val == {k.replace("attention_jaccard/", "attention_jaccard/val_"): v for k, v in test.items()}
+    assert val == {k: v for k, v in both.items() if k.startswith("attention_jaccard/val_")} and len(val) == 4
+
+
+def two_head_split(heads_right: list[tuple[bool, bool]]) -> TensorSegmentationDataset:
+    """8x8 images whose foreground is the top half; channel h is where head h attends (see
+    ``channel_attention``): the foreground when the head is right, the background when it is wrong
+    (Jaccard 1 or 0)."""
+    n = len(heads_right)
+    masks = torch.zeros(n, 8, 8, dtype=torch.uint8)
+    masks[:, :4] = 1
+    images = torch.zeros(n, 3, 8, 8, dtype=torch.uint8)
+    for i, right in enumerate(heads_right):
+        for h, ok in enumerate(right):
+            images[i, h] = 255 * (masks[i] == int(ok))
+    return TensorSegmentationDataset(images, torch.zeros(n, dtype=torch.int64), masks)
+
+
+def channel_attention(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return (x[:, :2] > 0).float()  # two heads; normalised pixels of 255 are > 0, of 0 are < 0
+
+
+@pytest.fixture
+def fixed_attention(monkeypatch: pytest.MonkeyPatch):
+    import vfm.evaluators.attention_jaccard as aj
+
+    monkeypatch.setattr(aj, "last_layer_attention", channel_attention)
+
+    def run(val: TensorSegmentationDataset | None, test: TensorSegmentationDataset | None) -> dict[str, float]:
+        splits = SegmentationSplits(val if test is None else test, val, test, 8, 3, (0.5,) * 3, (0.5,) * 3, 1, mask_classes=["bg", "fg"])
+        # 0.99: every patch a binary map attends to is kept, none of the others
+        return AttentionJaccard(threshold=0.99)(tiny_vit(), splits, inputs=DenseInputs((0.5,) * 3, (0.5,) * 3, "cpu"))
+
+    return run
+
+
+def test_single_head_is_chosen_on_val_and_reported_on_test(fixed_attention) -> None:
+    """Val: head 0 right, head 1 wrong. Test: head 1 right on both images, head 0 on one. Head 0
+    is chosen (on val); on test it scores 50, though head 1 would score 100 there."""
+    val = two_head_split([(True, False), (True, False)])
+    test = two_head_split([(True, True), (False, True)])
+    m = fixed_attention(val, test)
+    assert m == {
+        "attention_jaccard/best_head": 100.0, "attention_jaccard/mean_head": 75.0,
+        "attention_jaccard/single_head": 50.0, "attention_jaccard/single_head_index": 0.0,
+        "attention_jaccard/val_best_head": 100.0, "attention_jaccard/val_mean_head": 50.0,
+        "attention_jaccard/val_single_head": 100.0, "attention_jaccard/val_single_head_index": 0.0,
+    }
+
+
+def test_without_val_no_single_head_is_reported_on_test(fixed_attention) -> None:
+    """Nothing to choose the head on but the test split itself: no test single_head."""
+    m = fixed_attention(None, two_head_split([(True, True), (False, True)]))
+    assert m == {"attention_jaccard/best_head": 100.0, "attention_jaccard/mean_head": 75.0}
+
+
+def test_without_test_the_val_scores_are_named_val(fixed_attention) -> None:
+    m = fixed_attention(two_head_split([(True, False), (False, True), (False, True)]), None)
+    assert m == {"attention_jaccard/val_best_head": 100.0, "attention_jaccard/val_mean_head": 50.0,
+                 "attention_jaccard/val_single_head": pytest.approx(200 / 3),
+                 "attention_jaccard/val_single_head_index": 1.0}
 
 
 def test_encoder_without_attention_is_refused() -> None:

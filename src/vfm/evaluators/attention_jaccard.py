@@ -11,10 +11,11 @@ and compared with the ground-truth mask by Jaccard (intersection over union). Ou
   its pixels, as DINO's ``interpolate(scale_factor=patch_size, mode="nearest")``);
 - foreground = mask > 0 (every object class merged), pixels labelled 255 left out of both sets;
   images without foreground are skipped;
-- reported (in percent, averaged over the images of the test split, else val, the keys then
-  ``val_best_head``, ...): ``best_head``, the best head of each image (DINO's ``max`` over heads),
-  ``mean_head``, the mean over heads, and ``single_head``, the one head with the best average (its
-  index as ``single_head_index``).
+- reported in percent, averaged over the images of the test split and, as ``val_best_head``, ...,
+  of the val split: ``best_head``, the best head of each image (DINO's ``max`` over heads),
+  ``mean_head``, the mean over heads, and ``single_head``, the score of the one head with the best
+  val average (its index as ``single_head_index``). The head is chosen on val only: without a val
+  split no test ``single_head`` is reported.
 
 DINO scores each object class of a VOC image separately (best head per object, averaged over the
 objects); with one foreground per image (Fashion-MNIST) the two agree.
@@ -71,37 +72,51 @@ class AttentionJaccard(DenseEvaluator):
     @torch.no_grad()
     def __call__(self, encoder: nn.Module, splits: Any, *, inputs: DenseInputs,
                  out_dir: str | Path | None = None) -> dict[str, float]:
-        """``attention_jaccard/{best_head,mean_head,single_head,single_head_index}`` on the test split,
-        in percent (``attention_jaccard/val_...`` on the val split, without a test split)."""
+        """``attention_jaccard/{best_head,mean_head,single_head,single_head_index}`` on the test split
+        and ``attention_jaccard/val_...`` on the val split, in percent; ``single_head`` only with a
+        val split to choose the head on."""
         try:
             vit = as_vision_transformer(encoder)
         except ValueError as e:
             raise ValueError(f"evaluator=[attention_jaccard] needs a ViT with self-attention: {e}") from e
         if getattr(vit, "cls_token", None) is None:
             raise ValueError("evaluator=[attention_jaccard] needs a ViT with a [CLS] token (class_token=True)")
-        split, dataset = ("test", splits.test) if getattr(splits, "test", None) is not None else ("val", splits.val)
-        if dataset is None:
+        parts = {split: getattr(splits, split, None) for split in ("val", "test")}
+        parts = {split: dataset for split, dataset in parts.items() if dataset is not None}
+        if not parts:
             raise ValueError("attention_jaccard needs a test or val split with masks")
         ignore = int(getattr(splits, "ignore_index", IGNORE_INDEX))
-        scores: list[Tensor] = []
         with _frozen_on(encoder, inputs.device):
-            for images, masks in segmentation_batches(dataset, inputs.batch_size, limit=self.max_images):
-                maps = last_layer_attention(encoder, inputs.normalise(images)).float().cpu()
-                jac, has_fg = attention_jaccard(maps, masks, threshold=self.threshold, ignore_index=ignore)
-                scores.append(jac[has_fg])
+            jac = {split: self._scores(encoder, dataset, inputs, ignore, split) for split, dataset in parts.items()}
+        # the single head is chosen on val: chosen on the split it is reported on, it would be
+        # the best of several test scores, biased upwards
+        single = int(jac["val"].mean(0).argmax()) if "val" in jac else None
+        metrics: dict[str, float] = {}
+        for split, prefix in (("test", "attention_jaccard/"), ("val", "attention_jaccard/val_")):
+            if split in jac:
+                metrics.update(_summary(jac[split], single, prefix))
+        log.info("attention Jaccard (%s, %d heads, threshold %g): %s",
+                 ", ".join(f"{split} {len(j)} images" for split, j in jac.items()), jac[next(iter(jac))].shape[1],
+                 self.threshold, ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        return metrics
+
+    def _scores(self, encoder: nn.Module, dataset: Any, inputs: DenseInputs, ignore: int, split: str) -> Tensor:
+        """Jaccard ``[N, heads]`` of the images of ``dataset`` that have foreground."""
+        scores: list[Tensor] = []
+        for images, masks in segmentation_batches(dataset, inputs.batch_size, limit=self.max_images):
+            maps = last_layer_attention(encoder, inputs.normalise(images)).float().cpu()
+            jac, has_fg = attention_jaccard(maps, masks, threshold=self.threshold, ignore_index=ignore)
+            scores.append(jac[has_fg])
         jac = torch.cat(scores) if scores else torch.empty(0, 0)
         if len(jac) == 0:
             raise ValueError(f"attention_jaccard: no image of the {split} split has foreground pixels (mask > 0)")
-        per_head = jac.mean(0)
-        single = int(per_head.argmax())
-        # scores of the val split are named as such (`val_best_head`, ...), like every evaluator's
-        pre = "attention_jaccard/" if split == "test" else "attention_jaccard/val_"
-        metrics = {
-            f"{pre}best_head": 100 * float(jac.amax(1).mean()),
-            f"{pre}mean_head": 100 * float(jac.mean()),
-            f"{pre}single_head": 100 * float(per_head[single]),
-            f"{pre}single_head_index": float(single),
-        }
-        log.info("attention Jaccard (%s, %d images, %d heads, threshold %g): %s", split, len(jac), jac.shape[1],
-                 self.threshold, ", ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
-        return metrics
+        return jac
+
+
+def _summary(jac: Tensor, single: int | None, prefix: str) -> dict[str, float]:
+    """``best_head``, ``mean_head`` and, given the chosen head, its ``single_head`` score and index."""
+    metrics = {f"{prefix}best_head": 100 * float(jac.amax(1).mean()), f"{prefix}mean_head": 100 * float(jac.mean())}
+    if single is not None:
+        metrics[f"{prefix}single_head"] = 100 * float(jac[:, single].mean())
+        metrics[f"{prefix}single_head_index"] = float(single)
+    return metrics
