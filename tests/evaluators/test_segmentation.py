@@ -22,6 +22,7 @@ from vfm.data.datasets.segmentation import (
 )
 from vfm.evaluators.segmentation import (
     LinearSegmentation,
+    SegmentationHeads,
     confusion_matrices,
     fit_segmentation_heads,
     iou_per_class,
@@ -62,6 +63,38 @@ def test_random_features_give_chance() -> None:
     heads = fit_segmentation_heads(torch.randn(256, 4, 4, 8, generator=g).half(), train_m, classes, **FIT)
     scores = miou(heads, torch.randn(256, 4, 4, 8, generator=g).half(), test_m, classes)
     assert float(scores.max()) < 0.2
+
+
+def test_micro_batches_bound_the_logits_and_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits of at most ``max_logit_elements`` per forward pass (blocks of images, and of heads when
+    one image's logits of every head exceed it), and the same heads and confusion as in one pass:
+    gradients accumulate over the blocks of a mini-batch, normalised by its valid pixels."""
+    classes, g = 3, torch.Generator().manual_seed(0)
+    tokens = torch.randn(10, 2, 2, 8, generator=g).half()
+    masks = torch.randint(0, classes, (10, 8, 8), generator=g).to(torch.uint8)  # logits upsampled 4x
+    masks[0, :5] = IGNORE_INDEX  # images with unequal numbers of valid pixels
+    fit = {**FIT, "epochs": 2, "batch_size": 4}
+    whole = fit_segmentation_heads(tokens, masks, classes, **fit, max_logit_elements=10**9)
+    conf = confusion_matrices(whole, tokens, masks, classes, max_logit_elements=10**9)
+    sizes: list[int] = []
+    forward = SegmentationHeads.forward
+
+    def recording(self, *args, **kwargs):
+        logits = forward(self, *args, **kwargs)
+        sizes.append(logits.numel())
+        return logits
+
+    monkeypatch.setattr(SegmentationHeads, "forward", recording)
+    one_map = classes * 8 * 8
+    for budget in (2 * one_map, 3 * 2 * one_map):  # 2 of the 3 heads of one image; all heads of 2 images
+        sizes.clear()
+        parts = fit_segmentation_heads(tokens, masks, classes, **fit, max_logit_elements=budget)
+        assert max(sizes) <= budget
+        for a, b in zip(whole.parameters(), parts.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        sizes.clear()
+        assert torch.equal(confusion_matrices(whole, tokens, masks, classes, max_logit_elements=budget), conf)
+        assert max(sizes) <= budget
 
 
 def test_iou_per_class_arithmetic() -> None:

@@ -14,7 +14,11 @@ scale, no test-time augmentation. Ours, precisely (docs/evaluation.md):
 - selection: the head with the best validation mIoU (a seeded 10% of train without a val split);
   only that head is scored on test. mIoU = mean over classes of TP / (TP + FP + FN) accumulated
   over the whole split (mmsegmentation's definition; a class absent from both prediction and
-  ground truth of a split is left out of the mean).
+  ground truth of a split is left out of the mean);
+- memory: the upsampled logits ``[L, B, C, H, W]`` of a mini-batch would take tens of GB (5 lrs,
+  256 images of 448x448, 150 classes), so they are computed in blocks of images (and of heads) of
+  at most ``max_logit_elements``; a step accumulates the blocks' gradients, the same step as on
+  the whole mini-batch.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -38,9 +42,12 @@ from vfm.viz.attention import as_vision_transformer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearSegmentation", "SegmentationHeads", "confusion_matrices", "fit_segmentation_heads", "iou_per_class"]
+__all__ = ["LinearSegmentation", "SegmentationHeads", "confusion_matrices", "fit_segmentation_heads", "iou_per_class",
+           "predictions"]
 
 DEFAULT_LRS: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 0.1)
+# upsampled logits per forward pass: 2^27 float32 = 512 MiB, a few GiB with the backward's buffers
+MAX_LOGIT_ELEMENTS = 2**27
 
 
 class SegmentationHeads(nn.Module):
@@ -66,6 +73,18 @@ class SegmentationHeads(nn.Module):
         return up.reshape(num, batch, classes, *size)
 
 
+def _blocks(num_heads: int, num_images: int, map_elements: int, max_elements: int,
+            max_images: int | None = None) -> Iterator[tuple[range, slice]]:
+    """(heads, images) blocks covering every head on every image, each with logits ``[l, b, C, H, W]``
+    of at most ``max_elements`` (``map_elements`` = C x H x W; one map even when it is larger) and at
+    most ``max_images`` images."""
+    heads_per = max(1, min(num_heads, max_elements // map_elements))
+    images_per = max(1, min(num_images, max_images or num_images, max_elements // (map_elements * heads_per)))
+    for start in range(0, num_images, images_per):
+        for head in range(0, num_heads, heads_per):
+            yield range(head, min(head + heads_per, num_heads)), slice(start, start + images_per)
+
+
 def _token_stats(tokens: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
     """Per-dimension mean and std of ``[N, h, w, D]`` tokens, in float64 chunks (no float32 copy)."""
     dim = tokens.shape[-1]
@@ -83,9 +102,10 @@ def _token_stats(tokens: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
 def fit_segmentation_heads(
     tokens: Tensor, masks: Tensor, num_classes: int, *, lrs: Sequence[float], epochs: int, batch_size: int,
     weight_decay: float, warmup_epochs: float = 0.0, seed: int = 0, device: str | torch.device = "cpu",
-    ignore_index: int = IGNORE_INDEX,
+    ignore_index: int = IGNORE_INDEX, max_logit_elements: int = MAX_LOGIT_ELEMENTS,
 ) -> SegmentationHeads:
-    """Train one head per lr on ``tokens [N, h, w, D]`` against ``masks [N, H, W]`` (class indices)."""
+    """Train one head per lr on ``tokens [N, h, w, D]`` against ``masks [N, H, W]`` (class indices);
+    each mini-batch in blocks of at most ``max_logit_elements`` logits."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     mean, std = _token_stats(tokens)
@@ -98,6 +118,7 @@ def fit_segmentation_heads(
     n = len(tokens)
     factor = Cosine(1.0, 0.0, warmup_epochs=warmup_epochs).build(math.ceil(n / batch_size), epochs)
     size = tuple(masks.shape[-2:])
+    map_elements = num_classes * size[0] * size[1]
     step = 0
     for _ in range(epochs):
         perm = torch.randperm(n, generator=gen)
@@ -110,30 +131,46 @@ def fit_segmentation_heads(
             step += 1
             if valid == 0:
                 continue
-            logits = heads(tokens[idx].to(device), size)  # [L, B, C, H, W]
-            # the sum of each head's mean pixel loss: heads share nothing, so each trains as if alone
-            loss = F.cross_entropy(logits.flatten(0, 1), target.repeat(len(lrs), 1, 1), ignore_index=ignore_index,
-                                   reduction="sum") / valid
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for head_ids, images in _blocks(len(lrs), len(idx), map_elements, max_logit_elements):
+                logits = heads(tokens[idx[images]].to(device), size, head_ids)  # [l, b, C, H, W]
+                # the sum of each head's mean pixel loss: heads share nothing, so each trains as if
+                # alone; dividing by the mini-batch's valid pixels, the blocks' gradients add up to it
+                loss = F.cross_entropy(logits.flatten(0, 1), target[images].repeat(len(head_ids), 1, 1),
+                                       ignore_index=ignore_index, reduction="sum") / valid
+                loss.backward()
             opt.step()
     return heads.eval()
 
 
 @torch.no_grad()
+def predictions(heads: SegmentationHeads, tokens: Tensor, size: tuple[int, int], heads_idx: Sequence[int], *,
+                batch_size: int = 256, max_logit_elements: int = MAX_LOGIT_ELEMENTS,
+                ) -> Iterator[tuple[range, slice, Tensor]]:
+    """Predicted classes of ``tokens [N, h, w, D]`` block by block: ``(positions in heads_idx,
+    images, pred [l, b, H, W])``, each block's logits at most ``max_logit_elements``."""
+    map_elements = len(heads.bias[0]) * size[0] * size[1]
+    for pos, images in _blocks(len(heads_idx), len(tokens), map_elements, max_logit_elements, batch_size):
+        logits = heads(tokens[images].to(heads.mean.device), size, [heads_idx[p] for p in pos])
+        yield pos, images, logits.argmax(2)
+
+
+@torch.no_grad()
 def confusion_matrices(heads: SegmentationHeads, tokens: Tensor, masks: Tensor, num_classes: int, *,
                        batch_size: int = 256, ignore_index: int = IGNORE_INDEX,
-                       heads_idx: Sequence[int] | None = None) -> Tensor:
+                       heads_idx: Sequence[int] | None = None,
+                       max_logit_elements: int = MAX_LOGIT_ELEMENTS) -> Tensor:
     """Pixel confusion ``[L, C, C]`` (rows: ground truth, columns: prediction), ignored pixels left out."""
     device = heads.mean.device
     heads_idx = list(range(len(heads.weight))) if heads_idx is None else list(heads_idx)
     conf = torch.zeros(len(heads_idx), num_classes * num_classes, dtype=torch.int64, device=device)
-    for i in range(0, len(tokens), batch_size):
-        target = masks[i : i + batch_size].to(device).long()
-        pred = heads(tokens[i : i + batch_size].to(device), tuple(masks.shape[-2:]), heads_idx).argmax(2)
+    blocks = predictions(heads, tokens, tuple(masks.shape[-2:]), heads_idx, batch_size=batch_size,
+                         max_logit_elements=max_logit_elements)
+    for pos, images, pred in blocks:
+        target = masks[images].to(device).long()
         keep = target != ignore_index
-        for j in range(len(heads_idx)):
-            conf[j] += torch.bincount(target[keep] * num_classes + pred[j][keep], minlength=num_classes**2)
+        for j, p in zip(pos, pred, strict=True):
+            conf[j] += torch.bincount(target[keep] * num_classes + p[keep], minlength=num_classes**2)
     return conf.view(-1, num_classes, num_classes).cpu()
 
 
@@ -253,8 +290,9 @@ class LinearSegmentation(DenseEvaluator):
         if n == 0:
             self.figures = {}
             return
-        logits = heads(part.tokens[:n].to(heads.mean.device), tuple(part.masks.shape[-2:]), [best])[0]
-        grid = segmentation_grid(part.images, part.masks[:n], logits.argmax(1).cpu())
+        blocks = predictions(heads, part.tokens[:n], tuple(part.masks.shape[-2:]), [best])
+        pred = torch.cat([p[0].cpu() for _, _, p in blocks])
+        grid = segmentation_grid(part.images, part.masks[:n], pred)
         self.figures = {"segmentation/predictions": grid}
         if out_dir is not None and vdist.is_main_process():
             save_png(grid, Path(out_dir) / "predictions.png")
