@@ -27,6 +27,34 @@ def test_paper_initialisation_and_no_weight_decay_on_the_scalars(siglip):
     assert {id(siglip.logit_scale), id(siglip.logit_bias)} <= no_decay
 
 
+def test_weight_decay_only_on_the_kernels_of_linear_and_conv_layers(siglip, mim_artifacts, tmp_path):
+    decay = {n for g in siglip.param_groups() if g["wd_mult"] == 1.0 for n, p in siglip.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert "backbone.model.patch_embed.proj.weight" in decay and "image_projection.weight" in decay
+    assert "text_tower.blocks.0.attn.qkv.weight" in decay and "text_tower.text_projection.weight" in decay
+    for exempt in ("backbone.model.pos_embed", "backbone.model.cls_token", "text_tower.positional_embedding",
+                   "text_tower.token_embedding.weight", "backbone.model.blocks.0.norm1.weight",
+                   "backbone.model.blocks.0.attn.qkv.bias", "logit_scale", "logit_bias"):
+        assert exempt not in decay, exempt
+    # 1 patch embedding, 4 per image block, 4 per text block, the two projections
+    n_blocks, n_text = len(siglip.backbone.model.blocks), len(siglip.text_tower.blocks)
+    assert len(decay) == 1 + 4 * n_blocks + 4 * n_text + 2
+    clip_style = build_method(compose_cfg(tiny_method_overrides("siglip", mim_artifacts)
+                                          + ["method.decay_kernels_only=false"], tmp_path))
+    decayed = {id(p) for g in clip_style.param_groups() if g["wd_mult"] == 1.0 for p in g["params"]}
+    assert id(clip_style.backbone.model.pos_embed) in decayed
+    assert id(clip_style.text_tower.token_embedding.weight) in decayed
+
+
+@pytest.mark.parametrize("dataset", ["synthetic_captions", "fashion_mnist_captions"])
+def test_torch_weight_decay_times_the_lr_is_big_visions_decoupled_1e_4(dataset):
+    """torch's AdamW decays by lr * wd per step, big_vision by wd alone (both times the schedule):
+    the paper optimizer and the Fashion-MNIST recipe keep lr * weight_decay at big_vision's 1e-4."""
+    optim = compose_cfg(["method=siglip", f"dataset={dataset}"]).optim
+    assert optim.lr * optim.weight_decay == pytest.approx(1e-4, rel=1e-12)
+    assert optim.weight_decay_end == optim.weight_decay
+
+
 def test_training_step_is_the_sigmoid_loss_of_the_embeddings(siglip):
     images = torch.randn(4, 1, 28, 28)
     texts = ["a photo of a shirt.", "a photo of a bag.", "a photo of a boot.", "a photo of a coat."]
