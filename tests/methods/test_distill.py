@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from timm.layers import DropPath
 
 from conftest import compose_cfg, tiny_method_overrides
 from dino_teachers import tiny_dino_checkpoint
@@ -119,6 +120,16 @@ def test_run_keeps_the_teacher_and_exports_the_student_ema(mim_artifacts, tmp_pa
     ema = state["model"]["student_ema.model.pos_embed"]
     assert torch.equal(next(v for k, v in exported.items() if k.endswith("pos_embed")), ema)
     assert not torch.equal(ema, state["model"]["student.backbone.model.pos_embed"])  # an average, not the student
+
+
+def test_student_has_no_stochastic_depth_even_on_a_backbone_with_it(mim_artifacts, tmp_path):
+    overrides = tiny_method_overrides("distill", mim_artifacts) + ["backbone=vit_small"]
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    assert cfg.backbone.drop_path_rate == 0.1  # ViT-S's own rate, which the paper's distillation removes
+    rates = [m.drop_prob for m in build_method(cfg).student.backbone.modules() if isinstance(m, DropPath)]
+    assert rates and all(r == 0.0 for r in rates)
+    kept = build_method(compose_cfg(overrides + ["method.drop_path_rate=null"], tmp_path / "run"))
+    assert max(m.drop_prob for m in kept.student.backbone.modules() if isinstance(m, DropPath)) == pytest.approx(0.1)
 
 
 def test_missing_teacher_is_a_config_error(mim_artifacts, tmp_path):

@@ -45,6 +45,7 @@ from vfm.losses.ibot_loss import iBOTPatchLoss, masked_patch_cross_entropy
 from vfm.losses.mim_losses import negative_cosine
 from vfm.losses.sinkhorn_knopp import sinkhorn_knopp
 from vfm.methods.base import Method, ema_update, linear_head, make_ema_teacher
+from vfm.methods.classifier import set_drop_path
 from vfm.methods.dinov2 import DINOv2Tower
 from vfm.methods.distill_teacher import TeacherHeads, load_teacher_heads
 
@@ -63,6 +64,8 @@ class Distill(Method):
         dino_weight, ibot_weight: loss weights of the [CLS] and patch terms.
         ema_encoder: evaluate and export the student's EMA (the paper's final model), else the student.
         n_global_crops: leading global crops (the teacher's views).
+        drop_path_rate: the student's stochastic depth, replacing `backbone.drop_path_rate` (the
+            paper removes it: 0; None keeps the backbone's).
     """
 
     needs_patch_tokens = True
@@ -85,6 +88,7 @@ class Distill(Method):
         ibot_weight: float = 1.0,
         ema_encoder: bool = True,
         n_global_crops: int = 2,
+        drop_path_rate: float | None = 0.0,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
@@ -93,6 +97,8 @@ class Distill(Method):
             raise ValueError(f"method.centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         encoder = load_pretrained_encoder(teacher, model_name=teacher_model)
         _check_grids(encoder, backbone, teacher)
+        if drop_path_rate is not None:
+            set_drop_path(backbone, drop_path_rate)
         heads = load_teacher_heads(teacher, int(encoder.embed_dim)) if objective == "dino_head" else TeacherHeads()
         if objective == "dino_head" and heads.dino is None:
             raise ValueError(f"teacher {teacher} has no DINO head (it is not a DINO, iBOT or DINOv2 checkpoints/last.pt); "
