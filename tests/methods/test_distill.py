@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 from timm.layers import DropPath
 
@@ -13,6 +14,7 @@ from conftest import compose_cfg, tiny_method_overrides
 from dino_teachers import tiny_dino_checkpoint
 from vfm import pretrain
 from vfm.backbones import Backbone
+from vfm.cli import run_or_exit
 from vfm.config import ConfigError
 from vfm.io import load_torch
 from vfm.methods.distill import Distill
@@ -130,6 +132,21 @@ def test_student_has_no_stochastic_depth_even_on_a_backbone_with_it(mim_artifact
     assert rates and all(r == 0.0 for r in rates)
     kept = build_method(compose_cfg(overrides + ["method.drop_path_rate=null"], tmp_path / "run"))
     assert max(m.drop_prob for m in kept.student.backbone.modules() if isinstance(m, DropPath)) == pytest.approx(0.1)
+
+
+def test_dino_head_without_local_crops_is_a_config_error_before_training(mim_artifacts, tmp_path, capsys):
+    cfg = compose_cfg(tiny_method_overrides("distill", mim_artifacts) + ["method.augment.n_local=0"], tmp_path / "run")
+    message = (r"^method\.augment\.n_local=0: method\.objective=dino_head needs local crops \(the student's views in "
+               r"the DINO loss\); set method\.augment\.n_local to 1 or more \(the paper: 8\) or method\.objective=cosine$")
+    with pytest.raises(ConfigError, match=message):
+        pretrain.run(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
+    with pytest.raises(SystemExit) as info:
+        run_or_exit(pretrain.run, cfg)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and err.startswith("config error: method.augment.n_local=0: ")
+    cosine = Distill(_student(), teacher=str(mim_artifacts["teacher"]), objective="cosine")
+    assert cosine.build_collate(instantiate(cfg.method.augment)) is not None  # cosine reads the global crops only
 
 
 def test_missing_teacher_is_a_config_error(mim_artifacts, tmp_path):

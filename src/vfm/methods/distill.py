@@ -31,14 +31,17 @@ The teacher is any checkpoint of this project (a run directory, its `checkpoints
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vfm.backbones.loading import load_pretrained_encoder
+from vfm.config import ConfigError
 from vfm.data.batch import Batch
+from vfm.data.collate import Collate
 from vfm.heads.dino_head import DINOHead
 from vfm.losses.dino_loss import DINOLoss
 from vfm.losses.ibot_loss import iBOTPatchLoss, masked_patch_cross_entropy
@@ -48,6 +51,9 @@ from vfm.methods.base import Method, ema_update, linear_head, make_ema_teacher
 from vfm.methods.classifier import set_drop_path
 from vfm.methods.dinov2 import DINOv2Tower
 from vfm.methods.distill_teacher import TeacherHeads, load_teacher_heads
+
+if TYPE_CHECKING:
+    from vfm.data.transforms import MultiCropAugmentation
 
 OBJECTIVES = ("dino_head", "cosine")
 
@@ -123,6 +129,15 @@ class Distill(Method):
     @property
     def encoder(self) -> nn.Module:
         return self.student_ema if self.student_ema is not None else self.student.backbone
+
+    def build_collate(self, augment: MultiCropAugmentation, masking: Callable[..., Tensor] | None = None) -> Collate:
+        """The multi-crop views; `dino_head` needs local crops: the student's views of the DINO
+        loss are the crops besides the teacher's global ones."""
+        if self.objective == "dino_head" and augment.n_local < 1:
+            raise ConfigError(f"method.augment.n_local={augment.n_local}: method.objective=dino_head needs local crops "
+                              "(the student's views in the DINO loss); set method.augment.n_local to 1 or more "
+                              "(the paper: 8) or method.objective=cosine")
+        return super().build_collate(augment, masking)
 
     def training_step(self, batch: Batch, step: int, sched: Mapping[str, float]) -> dict[str, Tensor]:
         crops: list[Tensor] = batch["crops"]
