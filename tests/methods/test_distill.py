@@ -12,7 +12,7 @@ from timm.layers import DropPath
 
 from conftest import compose_cfg, tiny_method_overrides
 from dino_teachers import tiny_dino_checkpoint
-from vfm import pretrain
+from vfm import evaluate, pretrain
 from vfm.backbones import Backbone
 from vfm.cli import run_or_exit
 from vfm.config import ConfigError
@@ -100,20 +100,59 @@ def test_teacher_file_checks(mim_artifacts):
         Distill(_student(), teacher=str(mim_artifacts["teacher"]), objective="mse")
 
 
+def _sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int) -> torch.Tensor:
+    """DINOv2's `sinkhorn_knopp_teacher` on one process, written out: Q = exp(l / tau)^T [K, B],
+    total mass 1, then rows (prototypes) to 1/K and columns (samples) to 1/B in turn, times B."""
+    q = torch.exp(logits.double() / temp).t()
+    k, b = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
 def test_sinkhorn_knopp_targets(tmp_path):
     torch.manual_seed(0)
-    method = Distill(_student(), teacher=str(tiny_dino_checkpoint(tmp_path / "t.pt")), centering="sinkhorn_knopp")
-    out = method.training_step({"crops": _crops()}, 0, SCHED)
-    assert torch.isfinite(out["loss"]) and method.dino_loss.center.abs().sum() == 0  # no center with Sinkhorn-Knopp
+    method = Distill(_student(), teacher=str(tiny_dino_checkpoint(tmp_path / "t.pt")), centering="sinkhorn_knopp",
+                     sinkhorn_iterations=3)
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(2)) * 0.1
+    probs = method._teacher_probs(logits, method.dino_loss, 0.04)
+    assert torch.allclose(probs.double(), _sinkhorn_knopp(logits, 0.04, 3), rtol=1e-5, atol=1e-9)
+    assert torch.allclose(probs.sum(-1), torch.ones(6), atol=1e-6)  # each sample: a distribution
+    # many iterations: every prototype gets the same share B / K of the batch
+    method.sinkhorn_iterations = 200
+    assert torch.allclose(method._teacher_probs(logits, method.dino_loss, 0.04).sum(0), torch.full((64,), 6 / 64), atol=1e-5)
+    # the training step's DINO loss uses these targets, and no center
+    method.sinkhorn_iterations = 3
+    crops = _crops()
+    out = method.training_step({"crops": crops}, 0, SCHED)
+    with torch.no_grad():
+        t = method.teacher.backbone.forward_tokens(torch.cat(crops[:2]))
+        p_cls = _sinkhorn_knopp(method.teacher.dino_head(t["global"]), 0.04, 3).float().chunk(2)
+        s = method.student.backbone.forward_tokens(torch.cat(crops[:2]))
+        logp = [F.log_softmax(x / 0.1, -1) for x in method.student.dino_head(s["global"]).chunk(2)]
+        logp.append(F.log_softmax(method.student.dino_head(method.student.backbone(crops[2])) / 0.1, -1))
+        pairs = [(-(p_cls[i] * logp[j]).sum(-1).mean()) for i in range(2) for j in range(3) if i != j]
+    assert out["loss_dino"].item() == pytest.approx((sum(pairs) / len(pairs)).item(), rel=1e-5)
+    assert method.dino_loss.center.abs().sum() == 0  # no center with Sinkhorn-Knopp
 
 
 def test_run_keeps_the_teacher_and_exports_the_student_ema(mim_artifacts, tmp_path):
     cfg = compose_cfg(tiny_method_overrides("distill", mim_artifacts)
-                      + ["trainer.max_epochs=1", "eval.baseline=false", "evaluator=[knn]", "logger=none"], tmp_path / "run")
+                      + ["trainer.max_epochs=1", "eval.baseline=false", "evaluator=[knn]", "logger=none",
+                         "trainer.precision=fp32"], tmp_path / "run")
     method = build_method(cfg)
     assert pretrain.encoder_prefix(method) == "student_ema."
     metrics = pretrain.run(cfg)
-    assert metrics["train/steps"] == 8 and 0 <= metrics["knn/top1"] <= 100
+    assert metrics["train/steps"] == 8
+    # the run's kNN is the exported encoder's: `evaluate` on encoder.safetensors reports the same
+    common = ["dataset=synthetic", "trainer.progress=false", "trainer.device=cpu", "logger=none",
+              "trainer.precision=fp32", "evaluator=[knn]", "backbone.patch_size=7",
+              "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"]
+    out = evaluate.run(compose_cfg(common + [f"checkpoint={tmp_path / 'run/encoder.safetensors'}"], tmp_path / "e",
+                                   "evaluate"))
+    assert out["knn/top1"] == metrics["knn/top1"] and (metrics["knn/top1"] * 128 / 100).is_integer()
     state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)
     teacher = load_torch(mim_artifacts["dino_teacher"])["model"]
     for key in ("teacher.backbone.model.blocks.0.attn.qkv.weight", "teacher.dino_head.last_layer_v"):

@@ -131,8 +131,10 @@ def test_linear_momentum_schedule_by_hand():
 
 def test_lr_warmup_starts_at_warmup_lr():
     lr = OptimSpec(lr=1e-3, warmup_lr=2e-4, warmup_epochs=1, min_lr=1e-6).lr_schedule(256).build(10, 3)
-    assert lr[0].item() == pytest.approx(2e-4) and lr[10].item() == pytest.approx(1e-3)
-    assert lr[-1].item() > 1e-6
+    assert lr[0].item() == pytest.approx(2e-4) and lr[9].item() == pytest.approx(1e-3)  # 10 warmup steps
+    assert lr[10].item() == pytest.approx(1e-3)
+    # 20 cosine steps from 1e-3 towards min_lr: the last is step 19 of 20, one step short of 1e-6
+    assert lr[-1].item() == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi * 19 / 20)), rel=1e-12)
 
 
 def test_paper_config_carries_the_official_values(tmp_path):

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, tiny_method_overrides
-from vfm import pretrain
-from vfm.losses.siglip_loss import SigLIPLoss
+from vfm import evaluate, pretrain
 from vfm.methods.siglip import SigLIP
 from vfm.pretrain import build_method
 
@@ -60,9 +59,18 @@ def test_training_step_is_the_sigmoid_loss_of_the_embeddings(siglip):
     texts = ["a photo of a shirt.", "a photo of a bag.", "a photo of a boot.", "a photo of a coat."]
     batch = {"crops": [images], "text": siglip.text_tower.tokenize(texts)}
     siglip.eval()
+    with torch.no_grad():  # t = 3, b = -1: away from the init, so that t and b each matter
+        siglip.logit_scale.fill_(math.log(3.0))
+        siglip.logit_bias.fill_(-1.0)
     out = siglip.training_step(batch, 0, {})
-    expected = SigLIPLoss()(siglip.encode_image(images), siglip.encode_text(texts), siglip.logit_scale, siglip.logit_bias)
-    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    with torch.no_grad():
+        x, y = siglip.encode_image(images).double(), siglip.encode_text(texts).double()
+    assert torch.allclose(x.norm(dim=-1), torch.ones(4, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(y.norm(dim=-1), torch.ones(4, dtype=torch.float64), atol=1e-6)
+    # -1/B sum_i sum_j log sigmoid(z_ij (t x_i.y_j + b)), z = +1 on the diagonal, -1 off it
+    expected = -sum(math.log(1 / (1 + math.exp(-(1 if i == j else -1) * (3.0 * float(x[i] @ y[j]) - 1.0))))
+                    for i in range(4) for j in range(4)) / 4
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
     out["loss"].backward()
     assert siglip.logit_bias.grad is not None and siglip.logit_scale.grad is not None
 
@@ -82,7 +90,15 @@ def test_temperature_is_clamped_only_on_request(siglip, mim_artifacts, tmp_path)
 
 def test_siglip_trains_and_evaluates_zero_shot(mim_artifacts, tmp_path):
     cfg = compose_cfg(tiny_method_overrides("siglip", mim_artifacts)
-                      + ["trainer.max_epochs=1", "eval.baseline=false", "evaluator=[knn,zero_shot]", "logger=none"],
-                      tmp_path / "run")
+                      + ["trainer.max_epochs=1", "eval.baseline=false", "evaluator=[knn,zero_shot]", "logger=none",
+                         "trainer.precision=fp32"], tmp_path / "run")
     metrics = pretrain.run(cfg)
-    assert metrics["train/steps"] == 8 and 0 <= metrics["zero_shot/top1"] <= 100
+    assert metrics["train/steps"] == 8
+    assert metrics["zero_shot/top5"] == 100.0  # 4 classes: every label is among the top 5
+    assert (metrics["zero_shot/top1"] * 128 / 100).is_integer()  # hits out of the 128 test images
+    # `evaluate` on the run's checkpoint (its text tower included) reports the same numbers
+    common = ["dataset=synthetic_captions", "trainer.progress=false", "trainer.device=cpu", "logger=none",
+              "trainer.precision=fp32", "evaluator=[knn,zero_shot]", "backbone.patch_size=7",
+              "+backbone.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}"]
+    out = evaluate.run(compose_cfg(common + [f"checkpoint={cfg.paths.output_dir}"], tmp_path / "e", "evaluate"))
+    assert out["zero_shot/top1"] == metrics["zero_shot/top1"] and out["knn/top1"] == metrics["knn/top1"]
