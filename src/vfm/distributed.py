@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -199,6 +200,16 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
         return
     for buf in module.buffers():
         dist.broadcast(buf, src)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (a small picklable value, e.g. a decision) on every process; every
+    process must call it. In a single process, `obj` itself."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

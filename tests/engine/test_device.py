@@ -180,6 +180,72 @@ def test_trainer_refuses_an_unknown_precision() -> None:
         Trainer(precision="fp8")
 
 
+def test_a_resumed_run_keeps_the_precision_auto_chose_when_it_started(tmp_path, monkeypatch, caplog, amx) -> None:
+    """16 images, batch 8, 2 epochs: stopped after step 2 on a CPU measured fast at bf16, resumed
+    after the measurement says fp32 (another machine, or noise near the threshold)."""
+    forwards: list[str] = []
+    real = vtrainer.autocast
+    monkeypatch.setattr(vtrainer, "autocast", lambda p, device: forwards.append(p) or real(p, device))
+    data = TensorImageDataset(torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (16,)))
+
+    def fit(precision: str, **kw) -> None:
+        trainer = Trainer(max_epochs=2, batch_size=8, precision=precision, device="cpu", progress=False, **kw)
+        trainer.fit(Regression(), data, collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={}, run_dir=tmp_path)
+
+    amx(True)
+    fit("auto", max_steps=2)
+    assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)["precision"] == "bf16"
+    amx(False)
+    with caplog.at_level(logging.INFO, logger="vfm.engine.trainer"):
+        fit("auto")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("precision")]
+    assert lines == ["precision auto -> bf16 (chosen when the run started, kept from last.pt)"]
+    assert forwards == ["bf16"] * 4  # steps 1-2, then 3-4 resumed
+    assert torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)["step"] == 4
+
+
+def test_an_explicit_precision_wins_over_the_checkpoints(tmp_path, monkeypatch, caplog, amx) -> None:
+    amx(True)
+    fit_and_log(tmp_path, monkeypatch, caplog, "auto")  # one epoch, in bf16
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vfm.engine.trainer"):
+        trainer = Trainer(max_epochs=2, batch_size=8, precision="fp32", device="cpu", progress=False)
+        data = TensorImageDataset(torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8), torch.randint(0, 2, (16,)))
+        trainer.fit(Regression(), data, collate, optim=OptimSpec(blr=0.1, warmup_epochs=0), schedules={}, run_dir=tmp_path)
+    assert trainer.run_precision == "fp32"
+    assert [r.getMessage() for r in caplog.records] == [
+        "last.pt was trained in bf16, this run continues in fp32 (trainer.precision=fp32)"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_auto_precision_is_rank_0s_choice_on_every_process(monkeypatch, rank: int) -> None:
+    """Under DDP rank 0 resolves "auto" and broadcasts it: rank 1 takes it without measuring its
+    own CPU (the collective is simulated: no process group in a unit test)."""
+    import vfm.distributed as vdist
+    from vfm.engine.strategy import DDP
+
+    sent: list[object] = []
+
+    def broadcast_object_list(box: list, src: int = 0) -> None:
+        assert src == 0
+        if rank == 0:
+            sent.append(box[0])
+        else:
+            assert box == [None]
+            box[0] = ("bf16", FAST_CPU)  # what rank 0 sent
+
+    monkeypatch.setattr(vdist, "is_dist", lambda: True)
+    monkeypatch.setattr(vdist, "get_rank", lambda: rank)
+    monkeypatch.setattr(vdist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", broadcast_object_list)
+    monkeypatch.setattr(vdevice, "cpu_bf16_speedup", lambda: 2.0 if rank == 0 else pytest.fail("rank 1 measured"))
+    strategy = DDP(CPU)
+    assert Trainer(precision="auto")._resolve_precision(strategy, None) == "bf16"
+    assert sent == ([("bf16", FAST_CPU)] if rank == 0 else [])
+    assert Trainer(precision="fp32")._resolve_precision(strategy, None) == "fp32"  # as given: no collective
+    assert len(sent) == (1 if rank == 0 else 0)
+
+
 def test_configs_default_to_auto() -> None:
     for name, extra in (("pretrain", []), ("evaluate", ["checkpoint=random"])):
         cfg = compose_cfg(extra, config_name=name)

@@ -69,6 +69,7 @@ class TrainState:
     ckpt_dir: Path
     logger: NullLogger
     last_step: int  # max_steps, or the end of the schedules
+    precision: str  # trainer.precision with "auto" resolved: a resumed run keeps it
     extra_state: dict[str, Any] = field(default_factory=dict)  # the caller's, saved in every checkpoint
     evaluation: Evaluation = field(default_factory=Evaluation)
     step: int = 0
@@ -93,7 +94,7 @@ class TrainState:
         return {
             "model": model_state, "optimizer": optim_state, "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-            "rng": rng_state(), "history": self.history, "lr_rule": self.data.lr_rule,
+            "rng": rng_state(), "history": self.history, "lr_rule": self.data.lr_rule, "precision": self.precision,
             # what elastic resume checks (another process count is fine, another global batch is not)
             "global_batch": self.global_batch, "train_samples": self.data.sampler.dataset_len,
             "world_size": self.strategy.world, "micro_batch": self.data.micro_bs, **self.extra_state,

@@ -92,6 +92,10 @@ class SingleProcess:
     def all_reduce_max_int(self, value: int) -> int:
         return value
 
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj` (a small picklable value) on every process; every process calls it."""
+        return obj
+
     def barrier(self) -> None:
         pass
 
@@ -121,6 +125,9 @@ class DDP(SingleProcess):
 
     def all_reduce_max_int(self, value: int) -> int:
         return vdist.all_reduce_max_int(value, self.device)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        return vdist.broadcast_object(obj, src=0)
 
     def barrier(self) -> None:
         vdist.barrier()

@@ -58,7 +58,9 @@ class Trainer:
         accum_steps: gradient-accumulation micro-steps per optimisation step.
         precision: "auto" (bf16 where it is faster than fp32: a CUDA device with native bf16, a CPU
             where it measures >= 1.2x fp32; else fp32, see `vfm.engine.device.resolve_precision`), "fp32", "bf16"
-            (autocast, also on CPU) or "fp16" (autocast + GradScaler).
+            (autocast, also on CPU) or "fp16" (autocast + GradScaler). "auto" is decided once, when
+            the run starts, by rank 0 for all processes, and kept in the checkpoints: a resumed run
+            trains in the precision it started in.
         device: "auto", "cpu", "cuda" or "cuda:N".
         compile: wrap the method in `torch.compile`.
         num_workers: DataLoader worker processes per training process.
@@ -176,9 +178,6 @@ class Trainer:
         With `augment_on_device`, `collate_fn` is a `vfm.data.collate.Collate` that can defer.
         """
         strategy = build_strategy(self.strategy, select_device(self.device_name), self.accum_steps)
-        self.run_precision, reason = resolve_precision(self.precision, strategy.device)
-        if strategy.is_main:
-            log.info(describe_precision(self.precision, self.run_precision, reason))
         logger = logger if (logger is not None and strategy.is_main) else NullLogger()
         data = self._setup_data(train_dataset, collate_fn, optim, schedules, strategy)
         run = self._setup_model(method, optim, data, strategy, Path(run_dir) / "checkpoints", logger)
@@ -250,6 +249,7 @@ class Trainer:
         if channels_last:
             method.to(memory_format=torch.channels_last)
         resumed = resume_state(self.resume, ckpt_dir, strategy.is_main)
+        self.run_precision = self._resolve_precision(strategy, resumed)
         if resumed is not None:
             load_model_state(method, resumed[1]["model"], resumed[0])  # full weights, before any sharding
         net = strategy.wrap(method)
@@ -260,7 +260,7 @@ class Trainer:
             scaler=torch.amp.GradScaler(strategy.device.type, enabled=self.run_precision == "fp16"),
             model=torch.compile(strategy.model) if self.compile else strategy.model,
             trainable=[p for g in optimizer.param_groups for p in g["params"]],
-            channels_last=bool(channels_last), ckpt_dir=ckpt_dir, logger=logger,
+            channels_last=bool(channels_last), ckpt_dir=ckpt_dir, logger=logger, precision=self.run_precision,
             last_step=total_steps if self.max_steps is None else min(total_steps, self.max_steps),
         )
         if resumed is not None:
@@ -270,6 +270,26 @@ class Trainer:
         # values were flushed with it): one value per step
         logger.start(run.step + 1 if resumed is not None else 0)
         return run
+
+    def _resolve_precision(self, strategy: SingleProcess, resumed: tuple[Path, dict[str, Any]] | None) -> str:
+        """What this run trains in. "auto" resumed from a checkpoint that recorded its precision
+        keeps it (the CPU timing, or another machine, could now choose differently); otherwise it
+        is resolved here, by rank 0 for every process (each timing its own CPU could choose
+        differently). An explicit precision is used as given."""
+        stored = resumed[1].get("precision") if resumed is not None else None
+        if self.precision == "auto" and stored is not None:
+            chosen, reason = stored, f"chosen when the run started, kept from {resumed[0].name}"
+        elif self.precision == "auto":
+            mine = resolve_precision("auto", strategy.device) if strategy.is_main else None
+            chosen, reason = strategy.broadcast_object(mine)
+        else:
+            chosen, reason = resolve_precision(self.precision, strategy.device)
+        if strategy.is_main:
+            log.info(describe_precision(self.precision, chosen, reason))
+            if stored not in (None, chosen):
+                log.warning("%s was trained in %s, this run continues in %s (trainer.precision=%s)",
+                            resumed[0].name, stored, chosen, self.precision)
+        return chosen
 
     # ------------------------------------------------------------------ the train step
     def _train_epoch(self, run: TrainState, stop: StopOnSignal) -> EpochMeter:
