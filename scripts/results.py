@@ -107,6 +107,11 @@ def machine() -> dict[str, str]:
             "commit": commit or "unknown", "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
 
 
+def _cpu() -> str:
+    info = machine()
+    return f"{info['cpu']} (AMX: {info['amx']})"
+
+
 def _commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -201,11 +206,27 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
             f"| {_cell(m, 'retrieval/map')} | {_cell(m, 'fewshot/5shot_top1')} | {_cell(m, 'zero_shot/top1')} "
             f"| {_cell(m, 'retrieval/i2t_r1')} |"
         )
-    older = [f"{labels[r['name']]} at {r['commit']}" for r in records
-             if r.get("finished") and r.get("commit") and r["commit"] != info["commit"]]
-    if older:
-        lines += ["", f"Rows measured at an earlier commit (same CPU model; re-run a row with `--rows`): {', '.join(older)}."]
+    lines += _commits_note(records, info["commit"])
+    lines += _cpus_note(records, f"{info['cpu']} (AMX: {info['amx']})")
     return "\n".join(lines) + "\n" + dense_table(labels, records)
+
+
+def _commits_note(records: list[dict[str, Any]], head: str) -> list[str]:
+    """A line naming, per commit, the finished rows measured at a commit other than `head`."""
+    by_commit: dict[str, list[str]] = {}
+    for r in records:
+        if r.get("finished") and r.get("commit") and r["commit"] != head:
+            by_commit.setdefault(r["commit"], []).append(f"`{r['name']}`")
+    if not by_commit:
+        return []
+    groups = "; ".join(f"at {c}: {', '.join(names)}" for c, names in by_commit.items())
+    return ["", f"Rows measured at an earlier commit (`--rows NAME` re-runs one): {groups}."]
+
+
+def _cpus_note(records: list[dict[str, Any]], cpu: str) -> list[str]:
+    """A line naming the finished rows measured on another CPU than the one named above."""
+    other = [f"`{r['name']}` on {r['cpu']}" for r in records if r.get("finished") and r.get("cpu", cpu) != cpu]
+    return ["", f"Rows measured on another CPU: {', '.join(other)}."] if other else []
 
 
 def dense_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str:

@@ -73,6 +73,21 @@ def test_table_and_markers(results: ModuleType, tmp_path: Path) -> None:
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text and "82.50" in text
 
 
+def test_table_names_rows_from_another_commit_or_cpu(results: ModuleType) -> None:
+    """Rows kept from an earlier run say where they were measured: per commit, and the CPU when it
+    is not the one in the table's first line; rows measured at the table's commit are not named."""
+    info = {"cpu": "CPU A", "amx": "no", "cores": "2", "torch": "2.x", "commit": "head", "gpu": "none"}
+    here = "CPU A (AMX: no)"
+    recs = [{"name": "dino", "finished": True, "seconds": 1.0, "command": "c", "commit": "head", "cpu": here},
+            {"name": "mae", "finished": True, "seconds": 1.0, "command": "c", "commit": "old1", "cpu": here},
+            {"name": "clip", "finished": True, "seconds": 1.0, "command": "c", "commit": "old1", "cpu": "CPU B (AMX: yes)"},
+            {"name": "eva", "finished": False, "error": "x", "commit": "old2"}]
+    body = results.table({"dino": "DINO", "mae": "MAE", "clip": "CLIP", "eva": "EVA"}, recs, info)
+    assert "earlier commit (`--rows NAME` re-runs one): at old1: `mae`, `clip`." in body
+    assert "Rows measured on another CPU: `clip` on CPU B (AMX: yes)." in body
+    assert "`dino`" not in body and "old2" not in body
+
+
 def test_curves_evaluate_pretrain_rows_every_epoch_only_when_asked(results: ModuleType, tmp_path: Path) -> None:
     dino, pixels = results.Row("dino", "DINO", ("method=dino",)), results.Row("pixels", "px", ("checkpoint=pixels",), entry="evaluate")
     plain = results.command(dino, tmp_path, quick=False)
