@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from vfm import distributed as vdist
 from vfm.engine.device import autocast, resolve_precision
+from vfm.evaluators.protocols import eval_mode
 from vfm.evaluators.recipes import GLOBAL, RECIPES, encode, extraction_plan, last_blocks, token_backbone
 from vfm.io import atomic_torch_save, load_torch
 
@@ -95,15 +96,10 @@ def _frozen_on(encoder: nn.Module, device: torch.device) -> Iterator[None]:
     home_device = home.device if home is not None else device
     if home_device != device:
         encoder.to(device)
-    # Restore each submodule's own flag rather than calling encoder.train(prev): a caller may keep
-    # parts of the model in eval mode on purpose (e.g. frozen norm layers during fine-tuning).
-    modes = [(m, m.training) for m in encoder.modules()]
-    encoder.eval()
     try:
-        yield
+        with eval_mode(encoder):  # each submodule's own flag restored (e.g. norms frozen on purpose)
+            yield
     finally:
-        for module, training in modes:
-            module.training = training
         if home_device != device:
             encoder.to(home_device)
 
