@@ -63,7 +63,7 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
     path = Path(checkpoint)
     if not path.exists():
         raise ConfigError(f"checkpoint={checkpoint} does not exist; pass a last.pt, a .safetensors file, a run directory, 'random' or 'pixels'")
-    key = f"{path.resolve()}-{path.stat().st_mtime_ns}"
+    key = checkpoint_cache_key(path)
     # a file that carries no architecture (a timm / third-party state dict, .safetensors or .pt)
     # is read as backbone=; our checkpoints and exports carry their own, which wins
     bb = OmegaConf.to_container(backbone_cfg, resolve=True)
@@ -73,6 +73,16 @@ def load_encoder(checkpoint: str, backbone_cfg: DictConfig, seed: int = 0) -> tu
         return load_pretrained_encoder(path, model_name=name, model_kwargs=kwargs), key
     except EncoderLoadError as e:  # the file named is not an encoder (of that backbone): the user's to fix
         raise ConfigError(f"checkpoint={checkpoint}: {e}") from e
+
+
+def checkpoint_cache_key(path: Path) -> str:
+    """The feature-cache key of a checkpoint: the file that is read (for a run directory, its
+    encoder.safetensors or checkpoints/last.pt, as `load_pretrained_encoder` picks) and its mtime,
+    so that a run trained further or re-exported never reuses the features of the old weights."""
+    read = path
+    if path.is_dir():
+        read = next((f for f in (path / "encoder.safetensors", path / "checkpoints" / "last.pt") if f.is_file()), path)
+    return f"{read.resolve()}-{read.stat().st_mtime_ns}"
 
 
 def set_paper_protocol(cfg: DictConfig) -> None:
@@ -183,7 +193,10 @@ def load_models(cfg: DictConfig, evaluators: dict[str, Any], device: str) -> tup
         raise ConfigError(f"evaluator=[zero_shot] needs an image-text checkpoint (method=clip); "
                           f"{cfg.checkpoint} is a {type(method).__name__} run")
     method.to(device).eval()
-    return method.encoder, f"{Path(str(cfg.checkpoint)).resolve()}-clip", method.text_model
+    # the whole method comes from last.pt: its mtime keys the cache, as the encoder's does
+    last = Path(str(cfg.checkpoint))
+    last = last / "checkpoints" / "last.pt" if last.is_dir() else last
+    return method.encoder, f"{checkpoint_cache_key(last)}-clip", method.text_model
 
 
 def _write_results(cfg: DictConfig, run_dir: Path, metrics: dict[str, float], applied: dict[str, list[str]] | None,

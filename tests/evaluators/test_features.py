@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -182,3 +183,23 @@ def test_failed_write_leaves_nothing(tmp_path: os.PathLike, monkeypatch: pytest.
     with pytest.raises(OSError, match="disk full"):
         extract_split_features(CountingEncoder(), make_splits(), cache_path=tmp_path / "f.pt", progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_cache_key_follows_the_file_a_run_directory_loads(tmp_path: os.PathLike) -> None:
+    """Training a run further rewrites checkpoints/last.pt (the run directory's own mtime does not
+    change): the features cached for the old weights must not be reused."""
+    from vfm.evaluate import checkpoint_cache_key
+
+    run = Path(tmp_path) / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(b"step 100")
+    os.utime(last, ns=(1_000_000_000, 1_000_000_000))
+    before = checkpoint_cache_key(run)
+    last.write_bytes(b"step 200")
+    os.utime(last, ns=(2_000_000_000, 2_000_000_000))
+    assert checkpoint_cache_key(run) != before
+    assert checkpoint_cache_key(run) == checkpoint_cache_key(last)  # the directory and its file: one key
+    export = run / "encoder.safetensors"  # an export wins over last.pt, as when loading
+    export.write_bytes(b"weights")
+    assert checkpoint_cache_key(run) == checkpoint_cache_key(export)
