@@ -144,6 +144,20 @@ def test_run_directory_names_can_be_passed_back_as_overrides():
     assert parsed.value() == f"outputs/pretrain/{name}"
 
 
+def test_evaluation_during_training_does_not_rename_the_run():
+    """Adding kNN on val every epoch to a run (e.g. `results.py --curves`) resumes the same run."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+
+    def name(overrides: list[str]) -> str:  # the job.override_dirname Hydra computes for a command
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose("pretrain", overrides=overrides, return_hydra_config=True).hydra.job.override_dirname
+
+    assert name(["method=ibot", "eval.every_n_epochs=1", "eval.periodic=[knn]"]) == name(["method=ibot"]) == "method-ibot"
+    assert name(["method=ibot", "eval.baseline=false"]) != name(["method=ibot"])  # other eval keys still count
+
+
 def _applied(overrides: list[str], config_name: str = "pretrain") -> dict[str, list[str]] | None:
     """applied_configs() as inside a command: Hydra's run config set for the composition."""
     from hydra import compose, initialize_config_dir
