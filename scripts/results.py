@@ -3,7 +3,7 @@
     python scripts/results.py                 # every row; finished rows are skipped
     python scripts/results.py --rows dino,eva # some rows (and nothing else)
     QUICK=1 python scripts/results.py         # a few steps per run, into outputs/results-quick/
-    python scripts/results.py --rows dino --curves  # also kNN on val every epoch: docs/images/curves/dino.png
+    python scripts/results.py --no-curves     # without kNN on val after every epoch (the learning curves)
 
 Each row is one or more `pretrain` / `evaluate` runs, each in its own run directory under `--out`
 (default `outputs/results`); a chained row names the rows it needs (EVA learns from the DINO row's
@@ -257,17 +257,26 @@ def replace_between_markers(path: Path, body: str) -> None:
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (`quick`: QUICK=1 in the environment)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quick = os.environ.get("QUICK", "") not in ("", "0")
     ap.add_argument("--out", default="outputs/results-quick" if quick else "outputs/results")
     ap.add_argument("--rows", default="", help="comma-separated row names (default: all)")
     ap.add_argument("--no-docs", action="store_true", help="write only under --out, not docs/ and README.md")
     ap.add_argument("--report", action="store_true", help="run nothing: write the table from the finished rows")
-    ap.add_argument("--curves", action="store_true",
+    # on by default: kNN on val uses no global random number, so the weights are the same without it
+    ap.add_argument("--curves", action=argparse.BooleanOptionalAction, default=True,
                     help="pretrain rows also evaluate kNN on val every epoch; each row's curve goes to "
                          "docs/images/curves/<row>.png (<out>/curves/ with QUICK=1 or --no-docs)")
     args = ap.parse_args(argv)
+    args.quick = quick
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    quick = args.quick
     out = Path(args.out)
     all_rows = rows(str(out))
     unknown = set(filter(None, args.rows.split(","))) - {r.name for r in all_rows}

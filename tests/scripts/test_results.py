@@ -88,6 +88,11 @@ def test_table_names_rows_from_another_commit_or_cpu(results: ModuleType) -> Non
     assert "`dino`" not in body and "old2" not in body
 
 
+def test_learning_curves_are_on_by_default_and_can_be_left_out(results: ModuleType) -> None:
+    assert results.parse_args([]).curves is True  # the "one PNG per method" comes with make results
+    assert results.parse_args(["--no-curves"]).curves is False
+
+
 def test_curves_evaluate_pretrain_rows_every_epoch_only_when_asked(results: ModuleType, tmp_path: Path) -> None:
     dino, pixels = results.Row("dino", "DINO", ("method=dino",)), results.Row("pixels", "px", ("checkpoint=pixels",), entry="evaluate")
     plain = results.command(dino, tmp_path, quick=False)
