@@ -206,9 +206,33 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
             f"| {_cell(m, 'retrieval/map')} | {_cell(m, 'fewshot/5shot_top1')} | {_cell(m, 'zero_shot/top1')} "
             f"| {_cell(m, 'retrieval/i2t_r1')} |"
         )
+    lines += _pixels_note(labels, records)
     lines += _commits_note(records, info["commit"])
     lines += _cpus_note(records, f"{info['cpu']} (AMX: {info['amx']})")
     return "\n".join(lines) + "\n" + dense_table(labels, records)
+
+
+# the image-only self-supervised rows (the tokenizers are steps of a chain, not encoders to compare)
+SELF_SUPERVISED = ("dino", "ibot", "dinov2", "mae", "ijepa", "beit", "eva", "beit_vqkd", "distill", "dino_small",
+                   "dino_small_4ep")
+
+
+def _pixels_note(labels: dict[str, str], records: list[dict[str, Any]]) -> list[str]:
+    """A line saying which self-supervised rows beat the raw pixels' linear probe and which do not."""
+    by_name = {r["name"]: r for r in records}
+    pixels = (by_name.get("pixels") or {}).get("metrics", {}).get("linear/top1")
+    if pixels is None or not by_name.get("pixels", {}).get("finished"):
+        return []
+    linear = {n: by_name[n]["metrics"]["linear/top1"] for n in SELF_SUPERVISED
+              if by_name.get(n, {}).get("finished") and "linear/top1" in by_name[n].get("metrics", {})}
+    ranked = sorted(linear, key=linear.get, reverse=True)
+
+    def names(rows: list[str]) -> str:
+        return ", ".join(f"{labels[n]} {linear[n]:.2f}" for n in rows) or "none"
+
+    return ["", f"Self-supervised rows against the raw pixels' linear probe ({pixels:.2f}): above, "
+                f"{names([n for n in ranked if linear[n] > pixels])}; not above, "
+                f"{names([n for n in ranked if linear[n] <= pixels])}."]
 
 
 def _commits_note(records: list[dict[str, Any]], head: str) -> list[str]:
