@@ -228,10 +228,10 @@ def _pixels_note(labels: dict[str, str], records: list[dict[str, Any]]) -> list[
     ranked = sorted(linear, key=linear.get, reverse=True)
 
     def names(rows: list[str]) -> str:
-        return ", ".join(f"{labels[n]} {linear[n]:.2f}" for n in rows) or "none"
+        return "; ".join(f"{labels[n]} ({linear[n]:.2f})" for n in rows) or "none"
 
-    return ["", f"Self-supervised rows against the raw pixels' linear probe ({pixels:.2f}): above, "
-                f"{names([n for n in ranked if linear[n] > pixels])}; not above, "
+    return ["", f"Self-supervised rows against the raw pixels' linear probe ({pixels:.2f}). Above: "
+                f"{names([n for n in ranked if linear[n] > pixels])}. Not above: "
                 f"{names([n for n in ranked if linear[n] <= pixels])}."]
 
 

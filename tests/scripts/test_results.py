@@ -111,4 +111,4 @@ def test_the_table_says_which_self_supervised_rows_beat_the_raw_pixels(results: 
             {"name": "ibot", "finished": False, "error": "not run yet"}]
     body = results.table(labels, recs, info)
     # CLIP learns from captions: not a self-supervised row; iBOT has no number yet: named nowhere
-    assert "raw pixels' linear probe (84.33): above, MAE 84.57; not above, DINO 81.20." in body
+    assert "raw pixels' linear probe (84.33). Above: MAE (84.57). Not above: DINO (81.20)." in body
