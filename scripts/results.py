@@ -220,9 +220,10 @@ SELF_SUPERVISED = ("dino", "ibot", "dinov2", "mae", "ijepa", "beit", "eva", "bei
 def _pixels_note(labels: dict[str, str], records: list[dict[str, Any]]) -> list[str]:
     """A line saying which self-supervised rows beat the raw pixels' linear probe and which do not."""
     by_name = {r["name"]: r for r in records}
-    pixels = (by_name.get("pixels") or {}).get("metrics", {}).get("linear/top1")
-    if pixels is None or not by_name.get("pixels", {}).get("finished"):
+    px = by_name.get("pixels", {})
+    if not px.get("finished") or "linear/top1" not in px.get("metrics", {}):
         return []
+    pixels = px["metrics"]["linear/top1"]
     linear = {n: by_name[n]["metrics"]["linear/top1"] for n in SELF_SUPERVISED
               if by_name.get(n, {}).get("finished") and "linear/top1" in by_name[n].get("metrics", {})}
     ranked = sorted(linear, key=linear.get, reverse=True)
