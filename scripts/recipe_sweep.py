@@ -5,7 +5,8 @@ The README's recipe table (29 runs, on one GPU, 5 at a time) is `--runs readme`:
     python scripts/recipe_sweep.py --runs readme --parallel 5 --out sweep/ -- trainer.device=cuda \
         +evaluator.knn.device=cuda +evaluator.linear.device=cuda
 
-`--runs recipe` (the default) sweeps single deltas around the current recipe instead.
+`--runs recipe` (the default) sweeps single deltas around the current recipe instead; `--runs
+supervised` compares augmentations for `method=supervised` on 28 px images.
 
 Each run is a normal `pretrain` run directory under `--out`; `results.jsonl` and `results.md`
 list every run's overrides, steps and the pretrained / random-init kNN and linear accuracy **on
@@ -78,12 +79,26 @@ README_RUNS: list[tuple[str, list[str]]] = [
     ("bs128_nl6", _R2 + ["method.augment.n_local=6"]),
 ]
 
+# Supervised pretraining on 28 px images: DeiT's ImageNet augmentation (the method's paper defaults)
+# against a light one. `deit` is the recipe as it was (5 epochs); `light` drops Mixup/CutMix,
+# RandAugment, random erasing and the repeats and crops from 35-100% of the image; `light_e10` is
+# `light` for 10 epochs (still within the hour).
+_SUP = ["method=supervised"]
+_LIGHT = ["method.mixup=0", "method.cutmix=0", "method.randaugment=null", "method.erasing=0",
+          "method.repeated_aug=1", "method.augment.global_scale=[0.35,1.0]"]
+SUPERVISED_RUNS: list[tuple[str, list[str]]] = [
+    ("deit", _SUP),
+    ("light", _SUP + _LIGHT),
+    ("light_e10", _SUP + _LIGHT + ["trainer.max_epochs=10"]),
+]
+RUN_SETS = {"recipe": RUNS, "readme": README_RUNS, "supervised": SUPERVISED_RUNS}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/recipe_sweep")
     ap.add_argument("--parallel", type=int, default=1)
-    ap.add_argument("--runs", choices=["recipe", "readme"], default="recipe")
+    ap.add_argument("--runs", choices=sorted(RUN_SETS), default="recipe")
     ap.add_argument("--only", default="", help="comma-separated run names")
     ap.add_argument("--select", default="knn/val_top1", help="the validation metric that ranks the runs")
     ap.add_argument("common", nargs="*", help="overrides added to every run (after --)")
@@ -91,7 +106,7 @@ def main() -> int:
     check_validation_metric(args.select)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = README_RUNS if args.runs == "readme" else RUNS
+    runs = RUN_SETS[args.runs]
     todo = [r for r in runs if not args.only or r[0] in args.only.split(",")]
     common = ["trainer.progress=false", "logger=none", *args.common]
     running: dict[str, tuple[subprocess.Popen, float]] = {}

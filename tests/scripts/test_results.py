@@ -38,6 +38,19 @@ def test_sweep_refuses_to_rank_by_a_test_metric(sweep: ModuleType, metric: str) 
         sweep.select_best([_run("a", 1.0, 2.0)], metric)
 
 
+@pytest.mark.parametrize("run_set", ["recipe", "readme", "supervised"])
+def test_every_sweep_run_composes(sweep: ModuleType, run_set: str) -> None:
+    """A mistyped key in a run's overrides fails here, not hours into a sweep."""
+    from conftest import compose_cfg
+
+    for name, overrides in sweep.RUN_SETS[run_set]:
+        cfg = compose_cfg(overrides)
+        assert cfg.task == "pretrain", name
+    sup = {name: compose_cfg(overrides) for name, overrides in sweep.RUN_SETS["supervised"]}
+    assert sup["deit"].method.mixup == 0.8 and sup["light"].method.mixup == 0
+    assert sup["light"].method.randaugment is None and sup["light_e10"].trainer.max_epochs == 10
+
+
 def test_rows_come_after_the_rows_they_need(results: ModuleType) -> None:
     order = [r.name for r in results.rows("outputs/results")]
     for row in results.rows("outputs/results"):
