@@ -58,7 +58,7 @@ def rows(out: str) -> list[Row]:
         Row("ibot", "iBOT", ("method=ibot",)),
         Row("dinov2", "DINOv2", ("method=dinov2",)),
         Row("mae", "MAE", ("method=mae",)),
-        Row("supervised", "supervised (DeiT recipe)", ("method=supervised",)),
+        Row("supervised", "supervised (labels, light augmentation)", ("method=supervised",)),
         Row("clip", "CLIP (captions from labels)", ("method=clip", "dataset=fashion_mnist_captions")),
         Row("siglip", "SigLIP (captions from labels)", ("method=siglip", "dataset=fashion_mnist_captions")),
         Row("ijepa", "I-JEPA", ("method=ijepa",)),
