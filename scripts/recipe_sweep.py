@@ -80,7 +80,7 @@ README_RUNS: list[tuple[str, list[str]]] = [
 ]
 
 # Supervised pretraining on 28 px images: DeiT's ImageNet augmentation (the method's paper defaults)
-# against a light one. `deit` is the recipe as it was (5 epochs); `light` drops Mixup/CutMix,
+# against a light one. `deit` is DeiT's (the recipe before this sweep, 5 epochs); `light` drops Mixup/CutMix,
 # RandAugment, random erasing and the repeats and crops from 35-100% of the image; `light_e10` is
 # `light` for 10 epochs (still within the hour); `light_crop80_e10` crops only 80-100%, since a
 # crop that cuts off a sleeve can turn a shirt into a T-shirt.
