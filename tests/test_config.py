@@ -14,6 +14,7 @@ from vfm.config import (
     ConfigError,
     applied_configs,
     dataset_yields_captions,
+    instantiate_evaluators,
     register_resolvers,
     validate_pretrain,
 )
@@ -89,6 +90,16 @@ def test_every_group_is_in_the_defaults():
 def test_overrides_reach_the_config():
     cfg = compose_cfg(["method=dino", "optim.blr=1e-3", "trainer.max_epochs=5"])
     assert cfg.optim.blr == 1e-3 and cfg.trainer.max_epochs == 5
+
+
+@pytest.mark.parametrize("config_name", ["pretrain", "evaluate"])
+@pytest.mark.parametrize("progress", [True, False])
+def test_fine_tuning_bars_follow_trainer_progress(config_name, progress, tmp_path):
+    extra = ["checkpoint=random"] if config_name == "evaluate" else []
+    cfg = compose_cfg(["evaluator=[knn,finetune]", f"trainer.progress={progress}", *extra], tmp_path, config_name)
+    evaluators = instantiate_evaluators(cfg)
+    assert set(evaluators) == {"knn", "finetune"}
+    assert evaluators["finetune"].progress is progress
 
 
 def test_wrong_type_names_key():

@@ -79,6 +79,17 @@ def instantiate_checked(node: DictConfig | dict, key: str, **kwargs: Any) -> Any
         raise
 
 
+def instantiate_evaluators(cfg: DictConfig) -> dict[str, Any]:
+    """The evaluators under `evaluator` (name -> evaluator). Those that train and draw their own
+    progress bars (fine-tuning) follow `trainer.progress`, as the pretraining loop does."""
+    evaluators = {}
+    for name, node in (cfg.get("evaluator") or {}).items():
+        takes_progress = "progress" in inspect.signature(get_object(node._target_)).parameters
+        kwargs = {"progress": bool(cfg.trainer.progress)} if takes_progress else {}
+        evaluators[name] = instantiate_checked(node, f"evaluator.{name}", **kwargs)
+    return evaluators
+
+
 def _type_ok(value: Any, ann: Any) -> bool:
     if ann is inspect.Parameter.empty or ann is Any:
         return True

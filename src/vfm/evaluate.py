@@ -38,6 +38,7 @@ from vfm.config import (
     applied_configs,
     dataset_yields_captions,
     instantiate_checked,
+    instantiate_evaluators,
     register_resolvers,
     validate_evaluate,
 )
@@ -157,7 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("config files (in merge order, later ones win): %s", ", ".join(applied["files"]))
     device = str(select_device(cfg.trainer.device))
     set_paper_protocol(cfg)
-    evaluators = {k: instantiate_checked(v, f"evaluator.{k}") for k, v in (cfg.get("evaluator") or {}).items()}
+    evaluators = instantiate_evaluators(cfg)
     if not evaluators:
         raise ConfigError("no evaluator selected; pass e.g. evaluator=[knn,linear]")
     encoder, key, text_model = load_models(cfg, evaluators, device)

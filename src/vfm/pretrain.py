@@ -33,6 +33,7 @@ from vfm.config import (
     ConfigError,
     applied_configs,
     instantiate_checked,
+    instantiate_evaluators,
     register_resolvers,
     validate_pretrain,
 )
@@ -158,7 +159,7 @@ def build_components(cfg: DictConfig, run_dir: Path) -> Components:
     trainer = instantiate_checked(cfg.trainer, "trainer")
     splits = instantiate_checked(cfg.dataset, "dataset")  # the first data read
     check_training_data(cfg, splits.train, vdist.get_world_size())
-    evaluators = {k: instantiate_checked(v, f"evaluator.{k}") for k, v in (cfg.get("evaluator") or {}).items()}
+    evaluators = instantiate_evaluators(cfg)
     if cfg.eval.every_n_epochs and splits.val is None:
         raise ConfigError(
             f"eval.every_n_epochs={cfg.eval.every_n_epochs} evaluates on the validation split during training, but "
