@@ -38,7 +38,17 @@ def test_sweep_refuses_to_rank_by_a_test_metric(sweep: ModuleType, metric: str) 
         sweep.select_best([_run("a", 1.0, 2.0)], metric)
 
 
-@pytest.mark.parametrize("run_set", ["recipe", "readme", "supervised"])
+def test_sweep_refuses_an_unknown_run_name(sweep: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A typo in --only must not start (or silently skip) hours of runs."""
+    monkeypatch.setattr("sys.argv", ["recipe_sweep.py", "--only", "bs256,bs265", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit) as exit_info:
+        sweep.main()
+    assert exit_info.value.code == 2 and "bs265" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("run_set", ["recipe", "first_sweep", "supervised"])
 def test_every_sweep_run_composes(sweep: ModuleType, run_set: str) -> None:
     """A mistyped key in a run's overrides fails here, not hours into a sweep."""
     from conftest import compose_cfg
