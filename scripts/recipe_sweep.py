@@ -1,11 +1,12 @@
 """Run named sets of `pretrain` overrides in parallel processes and tabulate their validation metrics.
 
 `--runs recipe` (the default) sweeps single deltas around the DINO recipe
-(conf/recipe/dino_fashion_mnist.yaml). Its batch-size, EMA and lr runs chose that recipe on
-validation (docs/recipes.md), one run at a time on a 2-core CPU (about 20 minutes a run):
+(conf/recipe/dino_fashion_mnist.yaml). Its batch-size, EMA and lr runs chose that recipe's batch
+of 64 on validation (docs/recipes.md), one run at a time on a 2-core CPU (about 20 minutes a run),
+as deltas over the batch-128 recipe they started from:
 
-    python scripts/recipe_sweep.py --runs recipe --only recipe,ema0.99,bs256,blr5e-4,bs64,ema0.996,blr2e-3 \
-        --out outputs/sweep-dino -- 'evaluator=[knn,linear]' eval.baseline=false
+    python scripts/recipe_sweep.py --runs recipe --only recipe,ema0.99,bs256,blr5e-4,bs64 \
+        --out outputs/sweep-dino -- 'evaluator=[knn,linear]' eval.baseline=false trainer.batch_size=128
 
 `--runs first_sweep` is the first sweep, 29 runs on one GPU (`--parallel 5 -- trainer.device=cuda
 +evaluator.knn.device=cuda +evaluator.linear.device=cuda`); it ranked on the test split and is kept
