@@ -5,7 +5,7 @@
 of 64 on validation (docs/recipes.md), one run at a time on a 2-core CPU (about 20 minutes a run),
 as deltas over the batch-128 recipe they started from:
 
-    python scripts/recipe_sweep.py --runs recipe --only recipe,ema0.99,bs256,blr5e-4,bs64 \
+    python scripts/recipe_sweep.py --runs recipe --only recipe,ema0.99,bs256,blr5e-4,bs64,blr2e-3 \
         --out outputs/sweep-dino -- 'evaluator=[knn,linear]' eval.baseline=false trainer.batch_size=128
 
 `--runs first_sweep` is the first sweep, 29 runs on one GPU (`--parallel 5 -- trainer.device=cuda
