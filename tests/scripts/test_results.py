@@ -55,6 +55,9 @@ def test_every_sweep_run_composes(sweep: ModuleType, run_set: str) -> None:
 
     cfgs = {name: compose_cfg(overrides) for name, overrides in sweep.RUN_SETS[run_set]}
     assert all(cfg.task == "pretrain" for cfg in cfgs.values())
+    if run_set == "first_sweep":  # its two rounds keep their batch, whatever the recipe says
+        assert cfgs["base"].trainer.batch_size == 256 and cfgs["bs128_seed1"].trainer.batch_size == 128
+        assert cfgs["bs64"].trainer.batch_size == 64 and cfgs["bs128_mom98"].trainer.max_epochs == 4
     if run_set == "supervised":  # DeiT's augmentation against none of it, whatever the recipe says
         deit, light = cfgs["deit"].method, cfgs["light"].method
         assert (deit.mixup, deit.repeated_aug, list(deit.augment.global_scale)) == (0.8, 3, [0.08, 1.0])
