@@ -14,8 +14,9 @@ The table (`docs/results.md` between the `results:begin/end` markers, also the R
 `docs/results.json`) has per row: the command, epochs, wall time, training img/s, kNN / linear
 test top-1 with the validation top-1 the linear probe's lr was chosen on, the same encoder at random
 initialisation, and every other evaluator's headline metric (image→text R@1: retrieval's
-image-text part, image-text rows only). It names the CPU (model, AMX or
-not), torch version and commit. Test accuracy is read once per run, at its end; nothing here
+image-text part, image-text rows only). Under it: dense evaluation (segmentation mIoU, attention
+Jaccard) and fine-tuning (the epoch chosen on val) of some pretrained encoders, rows `dense_<row>`
+and `finetune_<row>`. It names the CPU (model, AMX or not), torch version and commit. Test accuracy is read once per run, at its end; nothing here
 chooses anything.
 """
 
@@ -73,6 +74,7 @@ def rows(out: str) -> list[Row]:
         Row("dino_small_4ep", "the same small ViT, DINO from scratch, 4 epochs",
             ("experiment=dino_fashion_mnist_small_student", "trainer.max_epochs=4")),
         *dense_rows(out),
+        *finetune_rows(out),
     ]
 
 
@@ -88,6 +90,23 @@ def dense_rows(out: str) -> list[Row]:
     return [Row("dense_random", "random init", ("checkpoint=random", *DENSE_EVAL), entry="evaluate"),
             *(Row(f"dense_{src}", src, (f"checkpoint={out}/{src}", *DENSE_EVAL), entry="evaluate", needs=(src,))
               for src in DENSE_SOURCES)]
+
+
+# the fine-tuning recipe for 28 px images chosen on val (conf/evaluator/finetune_fashion_mnist.yaml)
+FINETUNE = "evaluator=[finetune_fashion_mnist]"
+FINETUNE_SOURCES = ("dino",)
+
+
+def finetune_rows(out: str) -> list[Row]:
+    """Full fine-tuning of a pretrained encoder (rows `finetune_<source>`), the epoch chosen on val."""
+    return [Row(f"finetune_{src}", src, (f"checkpoint={out}/{src}", FINETUNE), entry="evaluate", needs=(src,))
+            for src in FINETUNE_SOURCES]
+
+
+def table_of(name: str) -> str:
+    """The table a row goes to: `dense` and `finetune` rows (named by that prefix) run their own
+    evaluators and have their own columns; every other row is in the main table."""
+    return next((t for t in ("dense", "finetune") if name.startswith(f"{t}_")), "main")
 
 
 def machine() -> dict[str, str]:
@@ -119,11 +138,13 @@ def _commit() -> str:
 def command(row: Row, run_dir: Path, quick: bool, curves: bool = False) -> list[str]:
     """The exact command line of a row (printed in the table without the run-directory override);
     `curves`: a pretrain row also evaluates kNN on the validation split after every epoch."""
-    dense = row.name.startswith("dense_")
-    if quick and not dense:  # the pipeline end to end in about a minute a row: 5 steps, kNN only, no baseline
+    kind = table_of(row.name)
+    if quick and kind == "main":  # the pipeline end to end in about a minute a row: 5 steps, kNN only, no baseline
         args = [*row.args, "evaluator=[knn]", *(["trainer.max_steps=5", "eval.baseline=false"] if row.entry == "pretrain" else [])]
+    elif quick and kind == "finetune":  # one epoch instead of the recipe's ten
+        args = [*row.args, "evaluator.finetune.epochs=1"]
     else:
-        args = [*row.args] if dense else [*row.args, EVALUATORS]
+        args = [*row.args] if kind != "main" else [*row.args, EVALUATORS]
     if curves and row.entry == "pretrain":
         args.append(CURVES)
     args.append("trainer.progress=false")
@@ -191,7 +212,7 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rec in records:
-        if rec["name"].startswith("dense_"):
+        if table_of(rec["name"]) != "main":
             continue
         m = rec.get("metrics") or {}
         if not rec.get("finished"):
@@ -209,7 +230,7 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
     lines += _pixels_note(labels, records)
     lines += _commits_note(records, info["commit"])
     lines += _cpus_note(records, f"{info['cpu']} (AMX: {info['amx']})")
-    return "\n".join(lines) + "\n" + dense_table(labels, records)
+    return "\n".join(lines) + "\n" + dense_table(labels, records) + finetune_table(labels, records)
 
 
 # the image-only self-supervised rows (the tokenizers are steps of a chain, not encoders to compare)
@@ -260,7 +281,7 @@ def dense_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str:
              "first 10k train / 2k val / 2k test images): linear segmentation mIoU (lr chosen on val) and DINO's "
              "attention Jaccard (60% of the [CLS] attention mass vs the foreground).", "",
              "| encoder | mIoU test (val) | pixel acc. | Jaccard, best head | Jaccard, mean over heads |", "|---|---|---|---|---|"]
-    for rec in (r for r in records if r["name"].startswith("dense_")):
+    for rec in (r for r in records if table_of(r["name"]) == "dense"):
         m = rec.get("metrics") or {}
         if not rec.get("finished"):
             lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} | | | |")
@@ -268,6 +289,30 @@ def dense_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str:
         lines.append(f"| {labels[rec['name']]} | {_cell(m, 'segmentation/miou')} ({_cell(m, 'segmentation/val_miou')}) "
                      f"| {_cell(m, 'segmentation/pixel_acc')} | {_cell(m, 'attention_jaccard/best_head')} "
                      f"| {_cell(m, 'attention_jaccard/mean_head')} |")
+    return "\n".join(lines) + "\n"
+
+
+def finetune_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str:
+    """Fine-tuning top-1 per encoder, next to the linear probe of the same encoder (its own row)."""
+    rows = [r for r in records if table_of(r["name"]) == "finetune"]
+    if not rows:
+        return ""
+    by_name = {r["name"]: r for r in records}
+    lines = ["", "Fine-tuning (`evaluate checkpoint=<row> " + FINETUNE + "`: the encoder and a linear head trained "
+             "end to end with the recipe chosen on val, conf/evaluator/finetune_fashion_mnist.yaml; the epoch chosen "
+             "on val, test read once for it), next to the linear probe of the same encoder.", "",
+             "| encoder | wall time | fine-tune test (val) | epoch chosen on val | linear probe test (val) |",
+             "|---|---|---|---|---|"]
+    for rec in rows:
+        m = rec.get("metrics") or {}
+        if not rec.get("finished"):
+            lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} | | | |")
+            continue
+        minutes, seconds = divmod(int(rec["seconds"]), 60)
+        src = by_name.get(rec["name"].removeprefix("finetune_"), {}).get("metrics") or {}
+        lines.append(f"| {labels[rec['name']]} | {minutes} min {seconds:02d} s | {_cell(m, 'finetune/top1')} "
+                     f"({_cell(m, 'finetune/val_top1')}) | {_cell(m, 'finetune/best_epoch', '{:.0f}')} "
+                     f"| {_cell(src, 'linear/top1')} ({_cell(src, 'linear/val_top1')}) |")
     return "\n".join(lines) + "\n"
 
 

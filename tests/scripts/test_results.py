@@ -139,3 +139,33 @@ def test_the_table_says_which_self_supervised_rows_beat_the_raw_pixels(results: 
     body = results.table(labels, recs, info)
     # CLIP learns from captions: not a self-supervised row; iBOT has no number yet: named nowhere
     assert "raw pixels' linear probe (84.33). Above: MAE (84.57). Not above: DINO (81.20)." in body
+
+
+def test_fine_tuning_rows_run_the_validation_recipe_and_sit_in_their_own_table(results: ModuleType,
+                                                                              tmp_path: Path) -> None:
+    """A `finetune_<row>` row fine-tunes that row's encoder with the recipe chosen on val (not the main
+    table's probes) and is shown next to the linear probe of the same encoder."""
+    row = next(r for r in results.rows(str(tmp_path)) if r.name == "finetune_dino")
+    assert row.needs == ("dino",) and row.entry == "evaluate"
+    cmd = results.command(row, tmp_path / "finetune_dino", quick=False)
+    assert "evaluator=[finetune_fashion_mnist]" in cmd and results.EVALUATORS not in cmd
+    assert "evaluator.finetune.epochs=1" in results.command(row, tmp_path, quick=True)
+    info = {"cpu": "CPU A", "cores": 2, "amx": "no", "gpu": "none", "torch": "2", "commit": "c"}
+    recs = [{"name": "dino", "finished": True, "seconds": 1.0, "command": "c",
+             "metrics": {"linear/top1": 82.5, "linear/val_top1": 82.9}},
+            {"name": "finetune_dino", "finished": True, "seconds": 845.0, "command": "c",
+             "metrics": {"finetune/top1": 86.55, "finetune/val_top1": 86.77, "finetune/best_epoch": 10.0}}]
+    body = results.table({"dino": "DINO", "finetune_dino": "dino"}, recs, info)
+    assert "| dino | 14 min 05 s | 86.55 (86.77) | 10 | 82.50 (82.90) |" in body
+    main_table = body.split("Fine-tuning (")[0]
+    assert "86.55" not in main_table  # not a row of the main table
+
+
+def test_the_fine_tuning_recipe_composes(results: ModuleType) -> None:
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["checkpoint=random", results.FINETUNE], config_name="evaluate")
+    ft = cfg.evaluator.finetune
+    assert list(cfg.evaluator) == ["finetune"] and ft._target_.endswith("FineTune")
+    assert (ft.epochs, ft.blr, ft.mixup, ft.cutmix, list(ft.crop_scale)) == (10, 1e-3, 0.0, 0.0, [0.8, 1.0])
+    assert (ft.layer_decay, ft.drop_path, ft.label_smoothing) == (0.75, 0.1, 0.1)  # MAE's, unchanged
