@@ -98,9 +98,11 @@ FINETUNE_SOURCES = ("dino",)
 
 
 def finetune_rows(out: str) -> list[Row]:
-    """Full fine-tuning of a pretrained encoder (rows `finetune_<source>`), the epoch chosen on val."""
-    return [Row(f"finetune_{src}", src, (f"checkpoint={out}/{src}", FINETUNE), entry="evaluate", needs=(src,))
-            for src in FINETUNE_SOURCES]
+    """Full fine-tuning, the epoch chosen on val: the random-init encoder (what pretraining must beat),
+    then pretrained encoders (rows `finetune_<source>`)."""
+    return [Row("finetune_random", "random init", ("checkpoint=random", FINETUNE), entry="evaluate"),
+            *(Row(f"finetune_{src}", src, (f"checkpoint={out}/{src}", FINETUNE), entry="evaluate", needs=(src,))
+              for src in FINETUNE_SOURCES)]
 
 
 def table_of(name: str) -> str:
@@ -310,9 +312,9 @@ def finetune_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str
             continue
         minutes, seconds = divmod(int(rec["seconds"]), 60)
         src = by_name.get(rec["name"].removeprefix("finetune_"), {}).get("metrics") or {}
+        linear = f"{_cell(src, 'linear/top1')} ({_cell(src, 'linear/val_top1')})" if src else "–"
         lines.append(f"| {labels[rec['name']]} | {minutes} min {seconds:02d} s | {_cell(m, 'finetune/top1')} "
-                     f"({_cell(m, 'finetune/val_top1')}) | {_cell(m, 'finetune/best_epoch', '{:.0f}')} "
-                     f"| {_cell(src, 'linear/top1')} ({_cell(src, 'linear/val_top1')}) |")
+                     f"({_cell(m, 'finetune/val_top1')}) | {_cell(m, 'finetune/best_epoch', '{:.0f}')} | {linear} |")
     return "\n".join(lines) + "\n"
 
 

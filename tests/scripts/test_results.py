@@ -145,18 +145,23 @@ def test_fine_tuning_rows_run_the_validation_recipe_and_sit_in_their_own_table(r
                                                                               tmp_path: Path) -> None:
     """A `finetune_<row>` row fine-tunes that row's encoder with the recipe chosen on val (not the main
     table's probes) and is shown next to the linear probe of the same encoder."""
-    row = next(r for r in results.rows(str(tmp_path)) if r.name == "finetune_dino")
+    by_name = {r.name: r for r in results.rows(str(tmp_path))}
+    row, random = by_name["finetune_dino"], by_name["finetune_random"]
     assert row.needs == ("dino",) and row.entry == "evaluate"
+    assert random.args == ("checkpoint=random", results.FINETUNE)  # what pretraining must beat
     cmd = results.command(row, tmp_path / "finetune_dino", quick=False)
     assert "evaluator=[finetune_fashion_mnist]" in cmd and results.EVALUATORS not in cmd
     assert "evaluator.finetune.epochs=1" in results.command(row, tmp_path, quick=True)
     info = {"cpu": "CPU A", "cores": 2, "amx": "no", "gpu": "none", "torch": "2", "commit": "c"}
     recs = [{"name": "dino", "finished": True, "seconds": 1.0, "command": "c",
              "metrics": {"linear/top1": 82.5, "linear/val_top1": 82.9}},
+            {"name": "finetune_random", "finished": True, "seconds": 60.0, "command": "c",
+             "metrics": {"finetune/top1": 80.0, "finetune/val_top1": 81.0, "finetune/best_epoch": 9.0}},
             {"name": "finetune_dino", "finished": True, "seconds": 845.0, "command": "c",
              "metrics": {"finetune/top1": 86.55, "finetune/val_top1": 86.77, "finetune/best_epoch": 10.0}}]
-    body = results.table({"dino": "DINO", "finetune_dino": "dino"}, recs, info)
+    body = results.table({"dino": "DINO", "finetune_random": "random init", "finetune_dino": "dino"}, recs, info)
     assert "| dino | 14 min 05 s | 86.55 (86.77) | 10 | 82.50 (82.90) |" in body
+    assert "| random init | 1 min 00 s | 80.00 (81.00) | 9 | – |" in body
     main_table = body.split("Fine-tuning (")[0]
     assert "86.55" not in main_table  # not a row of the main table
 
