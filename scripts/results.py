@@ -16,8 +16,8 @@ test top-1 with the validation top-1 the linear probe's lr was chosen on, the sa
 initialisation, and every other evaluator's headline metric (image→text R@1: retrieval's
 image-text part, image-text rows only). Under it: dense evaluation (segmentation mIoU, attention
 Jaccard) and fine-tuning (the epoch chosen on val) of some pretrained encoders, rows `dense_<row>`
-and `finetune_<row>`. It names the CPU (model, AMX or not), torch version and commit. Test accuracy is read once per run, at its end; nothing here
-chooses anything.
+and `finetune_<row>`. It names the CPU (model, AMX or not), torch version and commit. Test
+accuracy is read once per run, at its end; nothing here chooses anything.
 """
 
 from __future__ import annotations
