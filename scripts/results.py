@@ -200,6 +200,11 @@ def _cell(m: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else "–"
 
 
+def _wall(rec: dict[str, Any]) -> str:
+    minutes, seconds = divmod(int(rec["seconds"]), 60)
+    return f"{minutes} min {seconds:02d} s"
+
+
 def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str, str]) -> str:
     """The markdown table of every row (rows not run say so)."""
     lines = [
@@ -220,9 +225,8 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
         if not rec.get("finished"):
             lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} |" + " |" * 10)
             continue
-        minutes, seconds = divmod(int(rec["seconds"]), 60)
         lines.append(
-            f"| {labels[rec['name']]} | `{rec['command']}` | {_cell(m, 'train/epochs', '{:.0f}')} | {minutes} min {seconds:02d} s "
+            f"| {labels[rec['name']]} | `{rec['command']}` | {_cell(m, 'train/epochs', '{:.0f}')} | {_wall(rec)} "
             f"| {_cell(m, 'train/images_per_s', '{:.0f}')} | {_cell(m, 'knn/top1')} "
             f"| {_cell(m, 'linear/top1')} ({_cell(m, 'linear/val_top1')}) "
             f"| {_cell(m, 'baseline/knn/top1')} / {_cell(m, 'baseline/linear/top1')} "
@@ -310,10 +314,9 @@ def finetune_table(labels: dict[str, str], records: list[dict[str, Any]]) -> str
         if not rec.get("finished"):
             lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} | | | |")
             continue
-        minutes, seconds = divmod(int(rec["seconds"]), 60)
         src = by_name.get(rec["name"].removeprefix("finetune_"), {}).get("metrics") or {}
         linear = f"{_cell(src, 'linear/top1')} ({_cell(src, 'linear/val_top1')})" if src else "–"
-        lines.append(f"| {labels[rec['name']]} | {minutes} min {seconds:02d} s | {_cell(m, 'finetune/top1')} "
+        lines.append(f"| {labels[rec['name']]} | {_wall(rec)} | {_cell(m, 'finetune/top1')} "
                      f"({_cell(m, 'finetune/val_top1')}) | {_cell(m, 'finetune/best_epoch', '{:.0f}')} | {linear} |")
     return "\n".join(lines) + "\n"
 
