@@ -61,7 +61,8 @@ golden: $(DEV_STAMP) ## rewrite the golden per-step losses after a deliberate ch
 	VFM_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_golden.py
 	git diff --stat tests/golden
 
-results: data ## every method's CPU recipe and chains -> docs/results.md + README table (hours on 2 cores; resumes; ROWS=dino,eva; QUICK=1)
+# the learning curves' PNGs need matplotlib (the [dev] extra); without it every row runs but draws no curve
+results: data $(DEV_STAMP) ## every method's CPU recipe and chains -> docs/results.md + README table (hours on 2 cores; resumes; ROWS=dino,eva; QUICK=1)
 	$(BIN)/python scripts/results.py $(if $(ROWS),--rows $(ROWS),)
 
 report: $(DEV_STAMP) ## results table + plot of a sweep: make report SWEEP=multirun/pretrain
