@@ -8,7 +8,9 @@
 Each row is one or more `pretrain` / `evaluate` runs, each in its own run directory under `--out`
 (default `outputs/results`); a chained row names the rows it needs (EVA learns from the DINO row's
 encoder, BEiT from a tokenizer row). Re-running resumes an interrupted run (the same command in
-the same run directory resumes) and skips rows whose `row.json` says they finished.
+the same run directory resumes) and skips rows whose `row.json` says they finished, unless a row
+they need finished after they started: such a row measured an older input and runs again (its old
+run directory moved to `<out>/replaced/`); the table names the ones not chosen to run.
 
 The table (`docs/results.md` between the `results:begin/end` markers, also the README's, and
 `docs/results.json`) has per row: the command, epochs, wall time, training img/s, kNN / linear
@@ -27,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -165,12 +168,28 @@ def plot_curve(row: Row, run_dir: Path, png: Path) -> None:
           flush=True)
 
 
+def stale_inputs(row: Row, out: Path) -> list[str]:
+    """The rows `row` needs that finished after `row` started: its numbers are of an older input."""
+    started = _record(out, row.name).get("started")
+    if started is None:  # not run, or a record from before rows were timed
+        return []
+    return [n for n in row.needs if _record(out, n).get("ended", 0) > started]
+
+
 def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool], curves: bool = False) -> dict[str, Any]:
-    """Run `row` unless it finished before; return its record (metrics, seconds, command)."""
+    """Run `row` unless it finished after the rows it needs; return its record (metrics, seconds, command)."""
     run_dir = out / row.name
-    record_path = run_dir / "row.json"
-    if record_path.is_file() and json.loads(record_path.read_text()).get("finished"):
-        return json.loads(record_path.read_text())
+    previous = _record(out, row.name)
+    if previous.get("finished"):
+        changed = stale_inputs(row, out)
+        if not changed:
+            return previous
+        # a fresh run, not a resume of the old one's checkpoints; the old one is kept
+        aside = out / "replaced" / f"{row.name}-{previous.get('commit', 'unknown')}-{int(previous['started'])}"
+        print(f"[results] {row.name}: {', '.join(changed)} finished after it ran; running it again "
+              f"(the old run moves to {aside})", flush=True)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(run_dir), str(aside))
     missing = [n for n in row.needs if not done.get(n)]
     if missing:
         return {"name": row.name, "finished": False, "error": f"needs row(s) {', '.join(missing)}"}
@@ -182,8 +201,9 @@ def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool], curves: boo
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     # the wall time includes the evaluations during training: the table's command says so
     shown = [row.entry, *row.args, *([CURVES] if CURVES in cmd else [])]
-    record: dict[str, Any] = {"name": row.name, "seconds": round(time.time() - t0, 1), "returncode": rc,
-                              "command": " ".join(shown), "commit": commit}
+    ended = time.time()
+    record: dict[str, Any] = {"name": row.name, "seconds": round(ended - t0, 1), "returncode": rc,
+                              "command": " ".join(shown), "commit": commit, "started": t0, "ended": ended}
     try:
         record["metrics"] = json.loads((run_dir / "metrics.json").read_text())["metrics"]
         record["finished"] = rc == 0
@@ -191,7 +211,7 @@ def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool], curves: boo
         record.update(finished=False, error=f"{e!r}; see {run_dir / 'stdout.txt'}")
     from vfm.io import atomic_write_json  # after the runs: this script must not need vfm to start
 
-    atomic_write_json(record_path, record)
+    atomic_write_json(run_dir / "row.json", record)
     return record
 
 
@@ -235,6 +255,7 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
         )
     lines += _pixels_note(labels, records)
     lines += _commits_note(records, info["commit"])
+    lines += _stale_note(records)
     lines += _cpus_note(records, f"{info['cpu']} (AMX: {info['amx']})")
     return "\n".join(lines) + "\n" + dense_table(labels, records) + finetune_table(labels, records)
 
@@ -273,6 +294,14 @@ def _commits_note(records: list[dict[str, Any]], head: str) -> list[str]:
         return []
     groups = "; ".join(f"at {c}: {', '.join(names)}" for c, names in by_commit.items())
     return ["", f"Rows measured at an earlier commit (`--rows NAME` re-runs one): {groups}."]
+
+
+def _stale_note(records: list[dict[str, Any]]) -> list[str]:
+    """A line naming the finished rows measured on an older version of a row they need."""
+    names = [f"`{r['name']}` (on an older {', '.join(f'`{n}`' for n in r['stale_inputs'])})" for r in records
+             if r.get("finished") and r.get("stale_inputs")]
+    return ["", f"Rows measured on an older version of a row they need (`--rows NAME` re-runs one): "
+                f"{', '.join(names)}."] if names else []
 
 
 def _cpus_note(records: list[dict[str, Any]], cpu: str) -> list[str]:
@@ -366,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     curve_dir = out / "curves" if (quick or args.no_docs) else ROOT / "docs" / "images" / "curves"
     records = []
     for row in all_rows:
-        rec = run_row(row, out, quick, done, args.curves) if row in chosen else _previous(out, row)
+        rec = run_row(row, out, quick, done, args.curves) if row in chosen else _record(out, row.name)
+        if stale := stale_inputs(row, out):  # a row not chosen to run again: the table says so
+            rec["stale_inputs"] = stale
         done[row.name] = bool(rec.get("finished"))
         records.append(rec)
         if args.curves and row in chosen and rec.get("finished") and row.entry == "pretrain":
@@ -384,9 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r.get("finished") for r in records if r["name"] in {c.name for c in chosen}) else 1
 
 
-def _previous(out: Path, row: Row) -> dict[str, Any]:
-    path = out / row.name / "row.json"
-    return json.loads(path.read_text()) if path.is_file() else {"name": row.name, "finished": False, "error": "not run yet"}
+def _record(out: Path, name: str) -> dict[str, Any]:
+    """The row's `row.json` (what it measured, when, at which commit), or an unfinished stand-in."""
+    path = out / name / "row.json"
+    return json.loads(path.read_text()) if path.is_file() else {"name": name, "finished": False, "error": "not run yet"}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -76,6 +78,55 @@ def test_a_row_whose_dependency_failed_is_not_run(results: ModuleType, tmp_path:
     rec = results.run_row(row, tmp_path, quick=True, done={"dino": False})
     assert rec == {"name": "eva", "finished": False, "error": "needs row(s) dino"}
     assert not (tmp_path / "eva").exists()
+
+
+def _write_record(out: Path, name: str, **record: object) -> None:
+    (out / name).mkdir(parents=True, exist_ok=True)
+    (out / name / "row.json").write_text(json.dumps({"name": name, "finished": True, **record}))
+
+
+def test_a_row_older_than_a_row_it_needs_is_stale(results: ModuleType, tmp_path: Path) -> None:
+    eva = results.Row("eva", "EVA", ("method=eva",), needs=("dino",))
+    _write_record(tmp_path, "dino", started=100.0, ended=200.0)
+    _write_record(tmp_path, "eva", started=150.0, ended=160.0)  # learnt from the dino run before this one
+    assert results.stale_inputs(eva, tmp_path) == ["dino"]
+    _write_record(tmp_path, "eva", started=250.0, ended=260.0)
+    assert results.stale_inputs(eva, tmp_path) == []
+    _write_record(tmp_path, "eva")  # a record without times cannot be judged: it is kept
+    assert results.stale_inputs(eva, tmp_path) == []
+
+
+def test_a_stale_row_runs_again_from_scratch_and_its_old_run_is_kept(results: ModuleType, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    eva = results.Row("eva", "EVA", ("method=eva",), needs=("dino",))
+    _write_record(tmp_path, "dino", started=100.0, ended=200.0)
+    _write_record(tmp_path, "eva", started=150.0, ended=160.0, commit="old", metrics={"knn/top1": 1.0})
+    (tmp_path / "eva" / "checkpoints").mkdir()  # must not be resumed from
+
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        run_dir = Path(cmd[-1].removeprefix("hydra.run.dir="))
+        assert not (run_dir / "checkpoints").exists()
+        (run_dir / "metrics.json").write_text(json.dumps({"metrics": {"knn/top1": 2.0}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(results.subprocess, "run", fake_run)
+    monkeypatch.setattr(results, "_commit", lambda: "new")
+    rec = results.run_row(eva, tmp_path, quick=True, done={"dino": True})
+    assert rec["finished"] and rec["metrics"] == {"knn/top1": 2.0} and rec["commit"] == "new"
+    assert rec["started"] > 200.0 and rec["ended"] >= rec["started"]
+    kept = json.loads((tmp_path / "replaced" / "eva-old-150" / "row.json").read_text())
+    assert kept["metrics"] == {"knn/top1": 1.0}
+    assert results.run_row(eva, tmp_path, quick=True, done={"dino": True}) == rec  # now current: skipped
+
+
+def test_the_table_names_stale_rows(results: ModuleType) -> None:
+    info = {"cpu": "CPU A", "amx": "no", "cores": "2", "torch": "2.x", "commit": "head", "gpu": "none"}
+    recs = [{"name": "dino", "finished": True, "seconds": 1.0, "command": "c", "commit": "head"},
+            {"name": "dense_dino", "finished": True, "seconds": 1.0, "command": "c", "commit": "head",
+             "stale_inputs": ["dino"], "metrics": {}}]
+    body = results.table({"dino": "DINO", "dense_dino": "dino"}, recs, info)
+    assert "older version of a row they need (`--rows NAME` re-runs one): `dense_dino` (on an older `dino`)." in body
+    assert "older version" not in results.table({"dino": "DINO"}, recs[:1], info)
 
 
 def test_table_and_markers(results: ModuleType, tmp_path: Path) -> None:
