@@ -199,8 +199,9 @@ def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool], curves: boo
     t0, commit = time.time(), _commit()  # the code the row runs, whatever lands while it runs
     with open(run_dir / "stdout.txt", "a") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    # the wall time includes the evaluations during training: the table's command says so
-    shown = [row.entry, *row.args, *([CURVES] if CURVES in cmd else [])]
+    # what the table shows: the row's arguments, the evaluation during training (its wall time includes
+    # it) and QUICK's few steps; not the evaluators every main row runs, the progress flag or the run dir
+    shown = [row.entry, *(a for a in cmd[3:-1] if a not in (EVALUATORS, "trainer.progress=false"))]
     ended = time.time()
     record: dict[str, Any] = {"name": row.name, "seconds": round(ended - t0, 1), "returncode": rc,
                               "command": " ".join(shown), "commit": commit, "started": t0, "ended": ended}

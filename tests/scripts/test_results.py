@@ -113,10 +113,25 @@ def test_a_stale_row_runs_again_from_scratch_and_its_old_run_is_kept(results: Mo
     monkeypatch.setattr(results, "_commit", lambda: "new")
     rec = results.run_row(eva, tmp_path, quick=True, done={"dino": True})
     assert rec["finished"] and rec["metrics"] == {"knn/top1": 2.0} and rec["commit"] == "new"
+    # the table's command says it was a QUICK run
+    assert rec["command"] == "pretrain method=eva evaluator=[knn] trainer.max_steps=5 eval.baseline=false"
     assert rec["started"] > 200.0 and rec["ended"] >= rec["started"]
     kept = json.loads((tmp_path / "replaced" / "eva-old-150" / "row.json").read_text())
     assert kept["metrics"] == {"knn/top1": 1.0}
     assert results.run_row(eva, tmp_path, quick=True, done={"dino": True}) == rec  # now current: skipped
+
+
+def test_the_table_shows_the_row_arguments_and_the_evaluation_during_training(results: ModuleType, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        Path(cmd[-1].removeprefix("hydra.run.dir="), "metrics.json").write_text(json.dumps({"metrics": {}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(results.subprocess, "run", fake_run)
+    monkeypatch.setattr(results, "_commit", lambda: "head")
+    dino = results.Row("dino", "DINO", ("method=dino",))
+    rec = results.run_row(dino, tmp_path, quick=False, done={}, curves=True)
+    assert rec["command"] == "pretrain method=dino eval.every_n_epochs=1"  # not the evaluators, progress, run dir
 
 
 def test_the_table_names_stale_rows(results: ModuleType) -> None:
