@@ -179,20 +179,18 @@ def stale_inputs(row: Row, out: Path) -> list[str]:
 def run_row(row: Row, out: Path, quick: bool, done: dict[str, bool], curves: bool = False) -> dict[str, Any]:
     """Run `row` unless it finished after the rows it needs; return its record (metrics, seconds, command)."""
     run_dir = out / row.name
-    previous = _record(out, row.name)
-    if previous.get("finished"):
-        changed = stale_inputs(row, out)
-        if not changed:
-            return previous
-        # a fresh run, not a resume of the old one's checkpoints; the old one is kept
+    previous, changed = _record(out, row.name), stale_inputs(row, out)
+    if previous.get("finished") and not changed:
+        return previous
+    missing = [n for n in row.needs if not done.get(n)]
+    if missing:
+        return {"name": row.name, "finished": False, "error": f"needs row(s) {', '.join(missing)}"}
+    if changed:  # a fresh run, not a resume of the old one's checkpoints; the old one is kept
         aside = out / "replaced" / f"{row.name}-{previous.get('commit', 'unknown')}-{int(previous['started'])}"
         print(f"[results] {row.name}: {', '.join(changed)} finished after it ran; running it again "
               f"(the old run moves to {aside})", flush=True)
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(run_dir), str(aside))
-    missing = [n for n in row.needs if not done.get(n)]
-    if missing:
-        return {"name": row.name, "finished": False, "error": f"needs row(s) {', '.join(missing)}"}
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = command(row, run_dir, quick, curves)
     print(f"[results] {row.name}: {' '.join(cmd[2:])}", flush=True)
