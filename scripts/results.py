@@ -97,7 +97,7 @@ def dense_rows(out: str) -> list[Row]:
 
 # the fine-tuning recipe for 28 px images chosen on val (conf/evaluator/finetune_fashion_mnist.yaml)
 FINETUNE = "evaluator=[finetune_fashion_mnist]"
-FINETUNE_SOURCES = ("dino",)
+FINETUNE_SOURCES = ("dino", "mae")
 
 
 def finetune_rows(out: str) -> list[Row]:
