@@ -387,10 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--rows: unknown row(s) {sorted(unknown)}; choose from {[r.name for r in all_rows]}", file=sys.stderr)
         return 2
     chosen = [] if args.report else [r for r in all_rows if not args.rows or r.name in args.rows.split(",")]
-    done: dict[str, bool] = {}
-    for r in all_rows:  # rows not chosen still count as done when they finished before
-        path = out / r.name / "row.json"
-        done[r.name] = path.is_file() and bool(json.loads(path.read_text()).get("finished"))
+    # rows not chosen still count as done when they finished before
+    done = {r.name: bool(_record(out, r.name).get("finished")) for r in all_rows}
     curve_dir = out / "curves" if (quick or args.no_docs) else ROOT / "docs" / "images" / "curves"
     records = []
     for row in all_rows:
