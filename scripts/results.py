@@ -219,6 +219,14 @@ def _cell(m: dict[str, Any], key: str, fmt: str = "{:.2f}") -> str:
     return fmt.format(v) if isinstance(v, (int, float)) else "–"
 
 
+def _epochs(m: dict[str, Any]) -> str:
+    """Whole epochs; a run shorter than one epoch (QUICK's few steps) by its steps."""
+    epochs, steps = m.get("train/epochs"), m.get("train/steps")
+    if isinstance(epochs, (int, float)) and epochs < 1 and isinstance(steps, int) and steps > 0:
+        return f"{steps} steps"
+    return _cell(m, "train/epochs", "{:.0f}")
+
+
 def _wall(rec: dict[str, Any]) -> str:
     minutes, seconds = divmod(int(rec["seconds"]), 60)
     return f"{minutes} min {seconds:02d} s"
@@ -245,7 +253,7 @@ def table(labels: dict[str, str], records: list[dict[str, Any]], info: dict[str,
             lines.append(f"| {labels[rec['name']]} | not run: {rec.get('error', 'not finished')} |" + " |" * 10)
             continue
         lines.append(
-            f"| {labels[rec['name']]} | `{rec['command']}` | {_cell(m, 'train/epochs', '{:.0f}')} | {_wall(rec)} "
+            f"| {labels[rec['name']]} | `{rec['command']}` | {_epochs(m)} | {_wall(rec)} "
             f"| {_cell(m, 'train/images_per_s', '{:.0f}')} | {_cell(m, 'knn/top1')} "
             f"| {_cell(m, 'linear/top1')} ({_cell(m, 'linear/val_top1')}) "
             f"| {_cell(m, 'baseline/knn/top1')} / {_cell(m, 'baseline/linear/top1')} "

@@ -150,9 +150,12 @@ def test_table_and_markers(results: ModuleType, tmp_path: Path) -> None:
              "metrics": {"knn/top1": 80.0, "linear/top1": 82.5, "linear/val_top1": 83.0, "train/epochs": 3}},
             {"name": "clip", "finished": True, "seconds": 60.0, "command": "pretrain method=clip",
              "metrics": {"knn/top1": 70.0, "retrieval/i2t_r1": 41.25, "zero_shot/top1": 60.0}},
-            {"name": "eva", "finished": False, "error": "needs row(s) dino"}]
-    body = results.table({"dino": "DINO", "clip": "CLIP", "eva": "EVA"}, recs, info)
+            {"name": "eva", "finished": False, "error": "needs row(s) dino"},
+            {"name": "mae", "finished": True, "seconds": 30.0, "command": "pretrain method=mae trainer.max_steps=5",
+             "metrics": {"train/epochs": 0, "train/steps": 5}}]
+    body = results.table({"dino": "DINO", "clip": "CLIP", "eva": "EVA", "mae": "MAE"}, recs, info)
     assert "| DINO | `pretrain method=dino` | 3 | 2 min 05 s |" in body and "82.50 (83.00)" in body
+    assert "| MAE | `pretrain method=mae trainer.max_steps=5` | 5 steps | 0 min 30 s |" in body  # QUICK's runs
     assert "| EVA | not run: needs row(s) dino |" in body and "Test CPU" in body and "AMX: no" in body
     # image→text R@1, the last column: the CLIP row's value, a dash for an image-only row
     header, _, dino, clip, eva = body.splitlines()[2:7]
